@@ -1,0 +1,5 @@
+import sys
+
+from organixctl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,62 @@
+"""Entry point of organixctl: argument parsing and dispatch to command modules.
+
+Each command lives in its own module with ``add_arguments(parser)`` and
+``run(args) -> int``. Command modules import only the standard library at module
+level; anything heavier is imported inside ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import Protocol, cast
+
+from organixctl.exitcodes import Exit
+
+
+class _Command(Protocol):
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def run(self, args: argparse.Namespace) -> int: ...
+
+
+#: (name, module, one-line help). Order is the order of ``--help``.
+COMMANDS: list[tuple[str, str, str]] = [
+    ("keygen", "organixctl.cmd_keygen", "write a minisign-compatible Ed25519 key pair"),
+    ("publish", "organixctl.cmd_publish", "compress, sign and upload a release"),
+    ("verify", "organixctl.cmd_verify", "check a published release's signature and every hash"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="organixctl",
+        description="Publish releases for, and control, organixm self-updating hosts.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name, help_text in COMMANDS:
+        module = cast(_Command, importlib.import_module(module_name))
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(command_parser)
+        command_parser.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return Exit.USAGE if exc.code not in (0, None) else Exit.OK
+    module = cast(_Command, args._module)
+    try:
+        return module.run(args)
+    except KeyboardInterrupt:
+        print("organixctl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,7 +25,8 @@ Raising never logs: whoever decides the outcome logs once.
     ├── StateError             state file unreadable or unwritable
     ├── PolicyError            a release is refused by policy (downgrade, failed before)
     ├── Busy                   another operation is running (HTTP 409)
-    └── Cancelled              an operation was cancelled by an admin
+    ├── Cancelled              an operation was cancelled by an admin
+    └── KeyFileError           a minisign key cannot be read, decrypted or written
 """
 
 from __future__ import annotations
@@ -144,3 +145,11 @@ class Busy(OrganixmError):
 class Cancelled(OrganixmError):
     code = "cancelled"
     status = 409
+
+
+class KeyFileError(OrganixmError):
+    code = "key-invalid"
+    status = 400
+    hint = (
+        "check the key file or public key line (`organixctl keygen` and `minisign -G` write them)"
+    )

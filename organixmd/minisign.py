@@ -208,12 +208,29 @@ def _check_comment(comment: str, prefix: bytes, limit: int, what: str) -> bytes:
     return raw
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class PublicKey:
-    """A minisign public key: an 8-byte key id and an Ed25519 public key."""
+    """A minisign public key: an 8-byte key id and an Ed25519 public key.
+
+    Equal (and hashing equal) when key id and key bytes are equal.
+    """
 
     key_id: bytes
     key: Ed25519PublicKey
+
+    def _identity(self) -> tuple[bytes, bytes]:
+        return self.key_id, self.key.public_bytes_raw()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PublicKey):
+            return NotImplemented
+        return self._identity() == other._identity()
+
+    def __hash__(self) -> int:
+        return hash(self._identity())
+
+    def __repr__(self) -> str:
+        return f"PublicKey(key_id_hex={self.key_id_hex!r}, base64={self.to_base64()!r})"
 
     @property
     def key_id_hex(self) -> str:

@@ -327,6 +327,17 @@ def test_public_key_parse_forms_and_errors(ours: SecretKey) -> None:
         PublicKey.parse(public.to_file_text() + public.to_base64())
 
 
+def test_public_keys_compare_and_hash_by_value(ours: SecretKey) -> None:
+    """Equal keys parsed twice are one set member; a different key id makes them differ."""
+    public = ours.public_key()
+    again = PublicKey.parse(public.to_base64())
+    assert {public, again} == {public}
+    assert PublicKey(key_id=bytes(8), key=public.key) != public
+    assert repr(public) == (
+        f"PublicKey(key_id_hex={public.key_id_hex!r}, base64={public.to_base64()!r})"
+    )
+
+
 # --- refusals ---------------------------------------------------------------------------
 
 

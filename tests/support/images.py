@@ -7,6 +7,7 @@ import random
 import subprocess
 from pathlib import Path
 
+from organixmd.boot import write_boot_env
 from organixmd.meta import BootEntry
 
 #: Where a slot image carries its boot entry for GRUB (see docs/boot.md).
@@ -53,12 +54,19 @@ def make_ext4_image(
     seed: int = 1,
     tree: Path | None = None,
     label: str = "organixm-root",
+    boot: BootEntry | None = DEFAULT_BOOT,
 ) -> Path:
-    """Build a real ext4 image of ``size`` bytes at ``path`` from generated files."""
+    """Build a real ext4 image of ``size`` bytes at ``path`` from generated files.
+
+    The image carries ``boot`` at :data:`BOOT_ENV_PATH` for GRUB, as a release does
+    (``boot=None`` leaves it out).
+    """
     work = tree or path.with_suffix(".tree")
     if tree is None:
         work.mkdir(parents=True, exist_ok=True)
         populate_tree(work, payload_bytes if payload_bytes is not None else size // 2, seed)
+    if boot is not None:
+        write_boot_env(work / BOOT_ENV_PATH, boot)
     with open(path, "wb") as handle:
         handle.truncate(size)
     subprocess.run(

@@ -1,0 +1,395 @@
+"""Boot control: the A/B state machine kept in the GRUB environment block.
+
+GRUB's side is ``organixmd/data/grub.cfg`` (rendered once by the installer with
+:func:`render_grub_cfg`); this module is the Linux side. docs/boot.md draws the
+state machine and lists every variable. In short::
+
+    flip(b, 3)      b: trial xxx, order "b a"    (one environment write)
+    GRUB boots b    b: trial xx, booted=b reason=trial try=1
+    commit(b)       b: good                      (after boot-complete.target)
+    ... or GRUB finds b: trial with no tries -> b: bad, order "a b", boots a
+        with reason=fallback-tries-exhausted
+
+The transitions are pure functions over :class:`BootState` (unit-tested without
+files); :class:`BootControl` reads the two copies of the block and writes both
+through :func:`organixmd.grubenv.write` (temporary file, fsync, rename). Its
+methods block on fsync: the daemon calls them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal, TypeGuard
+
+from organixmd import grubenv
+from organixmd.errors import BootError, SlotError
+from organixmd.meta import BootEntry
+
+Slot = Literal["a", "b"]
+SlotState = Literal["good", "trial", "bad"]
+SLOTS: tuple[Slot, Slot] = ("a", "b")
+#: GRUB counts tries as a string of "x" and reports the try number from a table up to 9.
+MAX_TRIES = 9
+
+#: Why GRUB booted what it booted (``organixm_reason``).
+REASONS = (
+    "committed",
+    "trial",
+    "fallback-tries-exhausted",
+    "fallback-unusable",
+    "fallback-bad",
+    "fallback-load-failed",
+    "default-env-unusable",
+    "last-resort",
+    "no-usable-slot",
+)
+
+ENV_MARKER = "organixm_env"
+ORDER = "organixm_order"
+BOOTED = "organixm_booted"
+REASON = "organixm_reason"
+TRIAL_TRY = "organixm_trial_try"
+
+_TRIES = re.compile(r"^x*$")
+
+
+def is_slot(value: str) -> TypeGuard[Slot]:
+    return value in SLOTS
+
+
+def other_slot(slot: Slot) -> Slot:
+    return "b" if slot == "a" else "a"
+
+
+@dataclass(frozen=True, slots=True)
+class SlotBoot:
+    """One slot as GRUB sees it."""
+
+    state: SlotState
+    #: Trial boots GRUB may still start (``organixm_<slot>_tries``, a string of x).
+    tries_left: int = 0
+    #: Trial boots GRUB has started since the last flip (``organixm_<slot>_tried``).
+    tries_used: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class BootState:
+    """The whole boot environment: what GRUB will do next and what it did last."""
+
+    order: tuple[Slot, Slot]
+    a: SlotBoot
+    b: SlotBoot
+    #: GRUB's record of the last boot; ``None`` before the first boot after a rewrite.
+    booted: Slot | None = None
+    reason: str | None = None
+    trial_try: int | None = None
+    #: Which copy was read: ``primary`` or ``backup`` (the primary was torn or missing).
+    source: Literal["primary", "backup"] = "primary"
+
+    def slot(self, name: Slot) -> SlotBoot:
+        return self.a if name == "a" else self.b
+
+    def with_slot(self, name: Slot, value: SlotBoot) -> BootState:
+        return replace(self, a=value) if name == "a" else replace(self, b=value)
+
+    @property
+    def next_slot(self) -> Slot | None:
+        """The slot GRUB picks at the next boot if both slots are usable."""
+        for name in self.order:
+            slot = self.slot(name)
+            if slot.state == "good" or (slot.state == "trial" and slot.tries_left > 0):
+                return name
+        return None
+
+
+# ---------------------------------------------------------------------------- env mapping
+
+
+def state_from_env(variables: dict[str, str], *, source: str = "grubenv") -> BootState:
+    """Read the organixm variables of an environment block.
+
+    Raises :class:`BootError` when the block lacks the organixm marker or holds
+    values GRUB's script would not accept (it would then use the backup copy).
+    """
+    if variables.get(ENV_MARKER) != "1":
+        raise BootError(f"{source}: not an organixm boot environment (no {ENV_MARKER}=1)")
+    order = tuple(variables.get(ORDER, "").split())
+    if sorted(order) != ["a", "b"]:
+        raise BootError(f"{source}: {ORDER}={variables.get(ORDER)!r} is not 'a b' or 'b a'")
+    slots: dict[Slot, SlotBoot] = {}
+    for name in SLOTS:
+        state = variables.get(f"organixm_{name}_state", "")
+        tries = variables.get(f"organixm_{name}_tries", "")
+        tried = variables.get(f"organixm_{name}_tried", "")
+        if state not in ("good", "trial", "bad"):
+            raise BootError(f"{source}: organixm_{name}_state={state!r} is not good|trial|bad")
+        if not _TRIES.match(tries) or not _TRIES.match(tried):
+            raise BootError(f"{source}: tries of slot {name} must be strings of 'x'")
+        slots[name] = SlotBoot(state, len(tries), len(tried))  # type: ignore[arg-type]
+    booted_raw = variables.get(BOOTED, "")
+    try_raw = variables.get(TRIAL_TRY, "")
+    return BootState(
+        order=(order[0], order[1]),  # type: ignore[arg-type]
+        a=slots["a"],
+        b=slots["b"],
+        booted=booted_raw if is_slot(booted_raw) else None,
+        reason=variables.get(REASON) or None,
+        trial_try=int(try_raw) if try_raw.isdigit() else None,
+    )
+
+
+def env_from_state(state: BootState) -> dict[str, str]:
+    """The organixm variables for ``state`` (the decision record included)."""
+    variables = {ENV_MARKER: "1", ORDER: " ".join(state.order)}
+    for name in SLOTS:
+        slot = state.slot(name)
+        variables[f"organixm_{name}_state"] = slot.state
+        variables[f"organixm_{name}_tries"] = "x" * slot.tries_left
+        variables[f"organixm_{name}_tried"] = "x" * slot.tries_used
+    variables[BOOTED] = state.booted or ""
+    variables[REASON] = state.reason or ""
+    variables[TRIAL_TRY] = "" if state.trial_try is None else str(state.trial_try)
+    return variables
+
+
+# ---------------------------------------------------------------------------- transitions
+
+
+def initial(good_slot: Slot) -> BootState:
+    """A fresh environment: ``good_slot`` committed and first; the other slot unknown (bad)."""
+    return BootState(
+        order=(good_slot, other_slot(good_slot)),
+        a=SlotBoot("good" if good_slot == "a" else "bad"),
+        b=SlotBoot("good" if good_slot == "b" else "bad"),
+        booted=good_slot,
+        reason="committed",
+    )
+
+
+def flipped(state: BootState, target: Slot, tries: int, *, booted: Slot | None) -> BootState:
+    """``target`` on trial with ``tries`` boots, first in order.
+
+    Refuses (:class:`SlotError`) a flip onto the booted slot, and a flip while the
+    booted slot is itself on trial: it is then the fallback (invariant 4b).
+    """
+    if not 1 <= tries <= MAX_TRIES:
+        raise SlotError(f"trial tries must be between 1 and {MAX_TRIES}, not {tries}")
+    if booted is not None and target == booted:
+        raise SlotError(
+            f"refusing to flip to slot {target}: it is the booted slot",
+            hint="updates go to the other slot; check organixm.slot on the kernel command line",
+        )
+    if booted is not None and state.slot(booted).state == "trial":
+        raise SlotError(
+            f"refusing to flip to slot {target}: the booted slot {booted} is still on trial",
+            hint="commit the running system first (organixctl mark-good)",
+        )
+    return replace(
+        state.with_slot(target, SlotBoot("trial", tries, 0)),
+        order=(target, other_slot(target)),
+    )
+
+
+def committed(state: BootState, booted: Slot) -> BootState:
+    """``booted`` from trial to good. Idempotent: a good slot stays as it is.
+
+    Refuses (:class:`SlotError`) unless GRUB recorded that it booted this slot, and
+    refuses to commit a slot that is marked bad.
+    """
+    slot = state.slot(booted)
+    if slot.state == "good":
+        return state
+    if slot.state == "bad":
+        raise SlotError(
+            f"cannot commit slot {booted}: it is marked bad",
+            hint="flip to it again with a new release, or roll back",
+        )
+    if state.booted != booted:
+        raise SlotError(
+            f"cannot commit slot {booted}: GRUB recorded booting "
+            f"{state.booted or 'nothing'} ({state.reason or 'no reason recorded'})",
+            hint="commit only from the system that booted the trial slot",
+        )
+    return replace(state.with_slot(booted, SlotBoot("good")), order=(booted, other_slot(booted)))
+
+
+def marked_bad(state: BootState, slot: Slot) -> BootState:
+    """``slot`` bad and last in order. Idempotent."""
+    return replace(state.with_slot(slot, SlotBoot("bad")), order=(other_slot(slot), slot))
+
+
+def rolled_back(state: BootState, booted: Slot) -> BootState:
+    """The other slot first again; it must be good (a committed earlier system)."""
+    target = other_slot(booted)
+    if state.slot(target).state != "good":
+        raise SlotError(
+            f"cannot roll back to slot {target}: it is {state.slot(target).state}, not good",
+            hint="only a slot that was committed can be rolled back to",
+        )
+    return replace(state, order=(target, booted))
+
+
+# ---------------------------------------------------------------------------- files
+
+
+class BootControl:
+    """The boot environment on disk: a primary block and a backup copy.
+
+    GRUB reads the primary and falls back to the backup when the primary is torn
+    or missing; every write here rewrites both, primary first, each crash-safe.
+    ``booted`` is the slot the running kernel came from (``organixm.slot=`` on its
+    command line); when ``None`` GRUB's own record in the block is used.
+    Methods block (fsync): call them from a worker thread in the daemon.
+    """
+
+    def __init__(self, grubenv_path: Path, backup_path: Path, *, booted: Slot | None = None):
+        self.primary = grubenv_path
+        self.backup = backup_path
+        self._booted = booted
+
+    def _read_one(self, path: Path) -> tuple[dict[str, str], BootState]:
+        variables = grubenv.read(path)
+        return variables, state_from_env(variables, source=str(path))
+
+    def _read_any(self) -> tuple[dict[str, str], BootState]:
+        try:
+            return self._read_one(self.primary)
+        except BootError as primary_error:
+            try:
+                variables, state = self._read_one(self.backup)
+            except BootError as exc:
+                raise BootError(
+                    f"no usable boot environment: {primary_error.message}; {exc.message}",
+                    hint="recreate it from the booted slot (BootControl.repair)",
+                ) from exc
+            return variables, replace(state, source="backup")
+
+    def read(self) -> BootState:
+        """The current state, from the primary block or else the backup.
+
+        Raises :class:`BootError` when neither copy is a valid organixm block.
+        """
+        return self._read_any()[1]
+
+    def booted_slot(self, state: BootState) -> Slot | None:
+        return self._booted if self._booted is not None else state.booted
+
+    def _write(self, base: dict[str, str], state: BootState) -> BootState:
+        # Other tools' variables in the block are kept; ours are rewritten.
+        variables = grubenv.updated(base, env_from_state(state))
+        block = grubenv.render(variables, source=str(self.primary))
+        grubenv.write_block(self.primary, block)
+        grubenv.write_block(self.backup, block)
+        return replace(state, source="primary")
+
+    def flip(self, target: Slot, tries: int) -> BootState:
+        """One write: ``target`` first, on trial with ``tries`` boots."""
+        variables, state = self._read_any()
+        return self._write(variables, flipped(state, target, tries, booted=self.booted_slot(state)))
+
+    def commit(self, booted: Slot) -> BootState:
+        """Trial to good for the slot that booted on trial. Idempotent (no write if good)."""
+        variables, state = self._read_any()
+        new = committed(state, booted)
+        if new == state and state.source == "primary":
+            return state
+        return self._write(variables, new)
+
+    def mark_bad(self, slot: Slot) -> BootState:
+        """``slot`` bad and last in order."""
+        variables, state = self._read_any()
+        return self._write(variables, marked_bad(state, slot))
+
+    def rollback(self) -> BootState:
+        """Put the other (good) slot first; the running one stays good as a fallback."""
+        variables, state = self._read_any()
+        booted = self.booted_slot(state)
+        if booted is None:
+            raise SlotError("cannot roll back: unknown booted slot", hint="reboot first")
+        return self._write(variables, rolled_back(state, booted))
+
+    def initialize(self, good_slot: Slot) -> BootState:
+        """A fresh environment (installer): ``good_slot`` committed, the other bad."""
+        return self._write({}, initial(good_slot))
+
+    def repair(self, known_good_slot: Slot) -> BootState:
+        """Make both copies valid again. Idempotent.
+
+        A valid copy is kept (and copied over a broken one); with neither valid, the
+        environment is recreated with ``known_good_slot`` committed.
+        """
+        for path in (self.primary, self.backup):
+            try:
+                variables, state = self._read_one(path)
+            except BootError:
+                continue
+            other = self.backup if path == self.primary else self.primary
+            try:
+                intact = grubenv.read(other) == variables
+            except BootError:
+                intact = False
+            if intact:
+                return state
+            return self._write(variables, state)
+        return self.initialize(known_good_slot)
+
+
+# ---------------------------------------------------------------------------- GRUB side
+
+
+def booted_slot_from_cmdline(cmdline: str) -> Slot | None:
+    """The ``organixm.slot=`` value GRUB put on the kernel command line, if any."""
+    for word in cmdline.split():
+        if word.startswith("organixm.slot="):
+            value = word.partition("=")[2]
+            if is_slot(value):
+                return value
+    return None
+
+
+def render_grub_cfg(
+    *,
+    boot_uuid: str,
+    slot_a_part: int,
+    slot_b_part: int,
+    default_order: tuple[Slot, Slot] = ("a", "b"),
+    grubenv_path: str = "/grub/grubenv",
+    grubenv_backup_path: str = "/grub/grubenv.bak",
+) -> str:
+    """The static grub.cfg for one disk (paths are inside the boot partition)."""
+    if not re.fullmatch(r"[0-9a-fA-F-]{8,36}", boot_uuid):
+        raise BootError(f"boot partition UUID {boot_uuid!r} is not a file system UUID")
+    if sorted(default_order) != ["a", "b"]:
+        raise BootError(f"default order {default_order!r} must name slots a and b once each")
+    for path in (grubenv_path, grubenv_backup_path):
+        if not re.fullmatch(r"/[A-Za-z0-9._/-]+", path):
+            raise BootError(f"environment path {path!r} must be absolute, without spaces")
+    template = (Path(__file__).parent / "data" / "grub.cfg").read_text()
+    values = {
+        "boot_uuid": boot_uuid,
+        "slot_a_part": str(slot_a_part),
+        "slot_b_part": str(slot_b_part),
+        "default_order": " ".join(default_order),
+        "grubenv": grubenv_path,
+        "grubenv_backup": grubenv_backup_path,
+    }
+    rendered = re.sub(r"@([a-z_]+)@", lambda match: values[match.group(1)], template)
+    return rendered
+
+
+def boot_env(entry: BootEntry) -> dict[str, str]:
+    """The variables a slot image carries in ``/organixm/boot.env`` for GRUB."""
+    return {
+        "organixm_kernel": entry.kernel,
+        "organixm_initrd": entry.initrd,
+        "organixm_init": entry.init,
+        "organixm_params": " ".join(entry.params),
+    }
+
+
+def write_boot_env(path: Path, entry: BootEntry) -> None:
+    """Write ``entry`` as a GRUB environment block at ``path`` (inside a slot image tree)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grubenv.write(path, boot_env(entry))

@@ -1,0 +1,596 @@
+"""The update engine: one check ends in one verdict, and maybe one verified install.
+
+Policy lives here; every outside system (the release source, the slot devices,
+GRUB's environment, the state file) sits behind a small adapter. A check:
+
+1. fetches the meta (conditionally: an unchanged meta costs one small request),
+   its signature, and validates both before anything else happens;
+2. decides: up to date, blocked (with a reason code), or available — and if
+   available, whether it may be installed now (booted slot committed, rollout
+   percentage, slot safety);
+3. installs into the other slot through :class:`~organixmd.pipeline.Installer`,
+   resuming a checkpointed install of the same release, verifies the slot by
+   reading it back, and only then asks boot control to flip (invariant 2).
+
+Every outcome is one :class:`~organixmd.state.Verdict`, kept in the state file,
+logged once, and shown by status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+from organixmd import minisign
+from organixmd.blockio import hash_device
+from organixmd.config import Config
+from organixmd.errors import (
+    Busy,
+    Cancelled,
+    ConfigError,
+    OrganixmError,
+    PolicyError,
+    SignatureError,
+    SlotError,
+    SourceError,
+)
+from organixmd.logsetup import get_logger
+from organixmd.meta import Release, parse_meta
+from organixmd.pipeline import Installer, Progress
+from organixmd.slots import SlotName, booted_slot, check_target, other, slot_paths
+from organixmd.sources import Source, open_source
+from organixmd.state import (
+    FailedRelease,
+    ReleaseRef,
+    SlotRecord,
+    State,
+    StateStore,
+    Verdict,
+    utcnow,
+)
+from organixmd.state import (
+    Progress as Checkpoint,
+)
+
+
+class Phase(StrEnum):
+    IDLE = "idle"
+    CHECKING = "checking"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    STAGED = "staged"
+    WAITING_REBOOT = "waiting-reboot"
+    ERROR = "error"
+
+
+class BootPort(Protocol):
+    """What the engine needs from boot control (GRUB's environment)."""
+
+    def booted_on_trial(self, booted: SlotName) -> bool:
+        """Whether the running slot is still on trial (not yet committed)."""
+        ...
+
+    def stage(self, target: SlotName, tries: int) -> None:
+        """Make ``target`` boot next, on trial with ``tries`` tries. One env write."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class LiveProgress:
+    phase: Phase
+    bytes_done: int
+    bytes_total: int
+    rate: float
+
+    @property
+    def eta(self) -> float | None:
+        if self.rate <= 0 or self.bytes_done >= self.bytes_total:
+            return None
+        return (self.bytes_total - self.bytes_done) / self.rate
+
+
+EventSink = Callable[[str, dict[str, Any]], None]
+
+
+def release_ref(release: Release) -> ReleaseRef:
+    return ReleaseRef(
+        version=release.version,
+        serial=release.serial,
+        uuid=release.uuid,
+        sha256=release.sha256,
+        size=release.size,
+        legacy=release.legacy,
+    )
+
+
+def load_public_keys(config: Config) -> list[minisign.PublicKey]:
+    """The trusted keys of the configuration; a bad key stops start-up (ConfigError)."""
+    keys: list[minisign.PublicKey] = []
+    for index, text in enumerate(config.source.public_keys):
+        try:
+            keys.append(minisign.PublicKey.parse(text))
+        except OrganixmError as exc:
+            raise ConfigError(f"source.public_keys.{index}: {exc.message}") from exc
+    for path in config.source.public_key_files:
+        try:
+            keys.append(minisign.PublicKey.load(path))
+        except OrganixmError as exc:
+            raise ConfigError(f"source.public_key_files: {path}: {exc.message}") from exc
+        except OSError as exc:
+            raise ConfigError(f"source.public_key_files: cannot read {path}: {exc}") from exc
+    return keys
+
+
+def rollout_bucket(host_id: str, release_uuid: str) -> int:
+    """A stable number 0-99 per host and release: hosts below the percentage install."""
+    digest = hashlib.sha256(f"{host_id}:{release_uuid}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 100
+
+
+def read_host_id(path: Path) -> str:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        text = ""
+    return text or socket.gethostname()
+
+
+class Engine:
+    """Checks for releases and installs them. One operation at a time."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: StateStore,
+        state: State,
+        *,
+        boot: BootPort | None,
+        public_keys: list[minisign.PublicKey],
+        on_event: EventSink | None = None,
+        source_factory: Callable[[], Source] | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.state = state
+        self.boot = boot
+        self.public_keys = public_keys
+        self.on_event = on_event
+        self._source_factory = source_factory or (lambda: open_source(config.source))
+        self._lock = asyncio.Lock()
+        self._persist_lock = asyncio.Lock()
+        self._task: asyncio.Task[Any] | None = None
+        self._cancel_requested = False
+        self.phase = Phase.IDLE
+        self.progress: LiveProgress | None = None
+        self.current: ReleaseRef | None = None
+        self.last_error: OrganixmError | None = None
+        self.host_id = read_host_id(config.daemon.host_id_file)
+        self.log = get_logger("organixmd.engine")
+        self.slots = slot_paths(config.slots)
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def busy(self) -> bool:
+        return self._lock.locked()
+
+    def request_cancel(self) -> bool:
+        """Cancel the running check or install; its verdict says ``cancelled``.
+
+        Returns whether anything was running. Safe to call at any time.
+        """
+        if self._task is None or self._task.done():
+            return False
+        self._cancel_requested = True
+        self._task.cancel()
+        return True
+
+    def booted(self) -> SlotName | None:
+        return booted_slot(self.config.slots.cmdline)
+
+    async def persist(self) -> None:
+        """Write the state file (serialised here, written in a worker thread)."""
+        async with self._persist_lock:
+            data = self.store.encode(self.state)
+            await asyncio.to_thread(self.store.write, data)
+
+    def _emit(self, kind: str, **fields: Any) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, fields)
+
+    def _set_phase(self, phase: Phase) -> None:
+        self.phase = phase
+        self._emit("phase", phase=phase.value)
+
+    async def _conclude(self, verdict: Verdict, *, keep_etag: str | None = None) -> Verdict:
+        self.state.last_check = verdict.at
+        self.state.last_verdict = verdict
+        self.state.meta_etag = keep_etag
+        await self.persist()
+        release = verdict.release
+        self.log.info(
+            "check_done",
+            outcome=verdict.outcome,
+            code=verdict.code,
+            verdict=verdict.message,
+            version=release.version if release else None,
+            serial=release.serial if release else None,
+        )
+        self._emit("verdict", **verdict.model_dump(mode="json"))
+        return verdict
+
+    @staticmethod
+    def _verdict(
+        outcome: Any, code: str, message: str, release: ReleaseRef | None = None
+    ) -> Verdict:
+        return Verdict(outcome=outcome, code=code, message=message, release=release, at=utcnow())
+
+    # ------------------------------------------------------------------ the check
+
+    async def check(self, *, install: bool = True, force: bool = False) -> Verdict:
+        """Run one check (and install, if allowed). Raises Busy if one is running."""
+        if self._lock.locked():
+            raise Busy("a check or install is already running")
+        async with self._lock:
+            self._cancel_requested = False
+            self._task = asyncio.current_task()
+            self._set_phase(Phase.CHECKING)
+            try:
+                verdict = await self._check(install=install, force=force)
+            except asyncio.CancelledError:
+                self._set_phase(Phase.IDLE)
+                self.progress = None
+                raise
+            except OrganixmError as exc:
+                self.last_error = exc
+                self._set_phase(Phase.ERROR)
+                outcome = "blocked" if isinstance(exc, PolicyError | SignatureError) else "error"
+                return await self._conclude(
+                    self._verdict(outcome, exc.code, str(exc), self.current)
+                )
+            finally:
+                self.progress = None
+                self._task = None
+            if verdict.outcome == "staged":
+                self._set_phase(Phase.STAGED)
+            elif self.phase is not Phase.ERROR:
+                self._set_phase(Phase.IDLE)
+            return verdict
+
+    async def _check(self, *, install: bool, force: bool) -> Verdict:
+        self.current = None
+        booted = self.booted()
+        last = self.state.last_verdict
+        # A conditional request only when the last answer depended on the meta alone.
+        reuse_etag = (
+            self.state.meta_etag
+            if not force and last is not None and last.outcome in ("up-to-date", "blocked")
+            else None
+        )
+        async with self._source_factory() as source:
+            fetched = await source.fetch_meta(reuse_etag)
+            if fetched is None and last is not None:
+                verdict = self._verdict(
+                    last.outcome, last.code, f"meta unchanged: {last.message}", last.release
+                )
+                return await self._conclude(verdict, keep_etag=reuse_etag)
+            if fetched is None:
+                fetched = await source.fetch_meta(None)
+            assert fetched is not None  # noqa: S101 - unconditional fetch returns data
+            await self._check_signature(source, fetched.data)
+            release = parse_meta(fetched.data, source=source.meta_url)
+            ref = release_ref(release)
+            self.current = ref
+            decision = await self._decide(release, ref, booted, force)
+            if decision is not None:
+                keep = fetched.etag if decision.outcome in ("up-to-date", "blocked") else None
+                return await self._conclude(decision, keep_etag=keep)
+            self.log.info(
+                "update_found",
+                version=release.version,
+                serial=release.serial,
+                target=other(booted) if booted else None,
+            )
+            if not install:
+                return await self._conclude(
+                    self._verdict(
+                        "available",
+                        "update-available",
+                        f"{release.describe()} is available; run 'organixctl update' to install",
+                        ref,
+                    )
+                )
+            assert booted is not None  # noqa: S101 - _decide refuses an unknown booted slot
+            return await self._install(source, release, ref, other(booted))
+
+    async def _check_signature(self, source: Source, meta: bytes) -> None:
+        if not self.public_keys:
+            return
+        signature = await source.fetch_signature()
+        if signature is None:
+            raise SignatureError(
+                f"{source.signature_url}: no signature, and trusted keys are configured; "
+                "refusing the unsigned meta"
+            )
+        minisign.verify(meta, signature.data, self.public_keys)
+
+    async def _identify_booted(self, booted: SlotName, release: Release) -> None:
+        """Learn what the booted slot holds when the state does not say (first boot).
+
+        Hashes the booted slot's first ``release.size`` bytes: if they are the
+        release, the slot is recorded as holding it and no update is needed.
+        """
+        if booted in self.state.slots:
+            return
+        path = self.slots[booted].path
+        try:
+            digest = await asyncio.to_thread(hash_device, path, release.size)
+        except OSError:
+            return
+        if digest.hexdigest() == release.sha256:
+            self.state.slots[booted] = SlotRecord(
+                release=release_ref(release), status="installed", at=utcnow()
+            )
+            self.state.record("identified", slot=booted, release=release_ref(release))
+
+    async def _decide(
+        self, release: Release, ref: ReleaseRef, booted: SlotName | None, force: bool
+    ) -> Verdict | None:
+        """A verdict when nothing is to be installed now; ``None`` to install."""
+        if booted is None:
+            return self._verdict(
+                "blocked",
+                "booted-slot-unknown",
+                "the kernel command line names no organixm.slot=a|b; writing nothing",
+                ref,
+            )
+        await self._identify_booted(booted, release)
+        running = self.state.slots.get(booted)
+        if running is not None and running.release.sha256 == release.sha256:
+            return self._verdict(
+                "up-to-date",
+                "up-to-date",
+                f"slot {booted} runs {release.describe()}, the published release",
+                ref,
+            )
+        target = other(booted)
+        staged = self.state.slots.get(target)
+        if (
+            staged is not None
+            and staged.release.sha256 == release.sha256
+            and (staged.status == "staged" or (staged.status == "verified" and self.boot is None))
+        ):
+            return self._verdict(
+                "staged",
+                staged.status,
+                f"{release.describe()} is {staged.status} in slot {target}"
+                + ("; it boots on trial at the next reboot" if staged.status == "staged" else ""),
+                ref,
+            )
+        failed = self.state.has_failed(ref)
+        if failed is not None and not force:
+            return self._verdict(
+                "blocked",
+                "release-failed-before",
+                f"{release.describe()} failed its trial boot on {failed.at:%Y-%m-%d %H:%M} "
+                f"({failed.reason}); not installing it again until a newer serial is published "
+                "or an admin forces it (organixctl update --force)",
+                ref,
+            )
+        if (
+            running is not None
+            and not release.legacy
+            and not force
+            and release.serial <= running.release.serial
+        ):
+            return self._verdict(
+                "blocked",
+                "downgrade-refused",
+                f"published serial {release.serial} is not greater than the booted slot's "
+                f"serial {running.release.serial} ({running.release.version}); refusing a "
+                "downgrade",
+                ref,
+            )
+        if self.boot is not None and self.boot.booted_on_trial(booted):
+            return self._verdict(
+                "available",
+                "waiting-for-commit",
+                f"{release.describe()} is available, but the booted slot {booted} is still on "
+                f"trial: slot {target} is the fallback and is not overwritten until this boot "
+                "is committed (organixctl mark-good)",
+                ref,
+            )
+        bucket = rollout_bucket(self.host_id, release.uuid)
+        if bucket >= release.rollout_percent and not force:
+            return self._verdict(
+                "available",
+                "rollout-excluded",
+                f"{release.describe()} is rolled out to {release.rollout_percent}% of hosts; "
+                f"this host's bucket is {bucket}",
+                ref,
+            )
+        try:
+            check_target(
+                self.slots[target],
+                booted,
+                self.slots[booted].path,
+                release.size,
+                self.config.slots.mountinfo,
+            )
+        except SlotError as exc:
+            return self._verdict("blocked", exc.code, str(exc), ref)
+        return None
+
+    # ------------------------------------------------------------------ install
+
+    def _on_progress(self, progress: Progress) -> None:
+        self.progress = LiveProgress(
+            self.phase, progress.bytes_done, progress.bytes_total, progress.rate
+        )
+        self._emit(
+            "progress",
+            bytes_done=progress.bytes_done,
+            bytes_total=progress.bytes_total,
+            rate=round(progress.rate),
+        )
+
+    async def _install(
+        self, source: Source, release: Release, ref: ReleaseRef, target: SlotName
+    ) -> Verdict:
+        image_url = source.image_url(release)
+        log = self.log.bind(version=release.version, serial=release.serial, slot=target)
+        written = self.state.slots.get(target)
+        if written is not None and written.status == "verified" and written.release == ref:
+            # Written and verified by an earlier run whose flip did not happen (crash,
+            # boot control error): verify again from the device, then flip; no download.
+            self._set_phase(Phase.VERIFYING)
+            await Installer(release, source, self.slots[target].path).verify_on_device()
+            return await self._stage(release, ref, target, log)
+        start, etag = self._resume_point(release, ref, target, image_url)
+        if start == 0:
+            self.state.progress = None
+        self.state.slots.pop(target, None)
+        checkpoint = Checkpoint(
+            slot=target,
+            release=ref,
+            image_url=image_url,
+            etag=etag,
+            chunk_size=release.image.chunk_size if release.image else 0,
+            chunks_done=start,
+            started=utcnow(),
+        )
+        self.state.progress = checkpoint
+        self.state.record("install-started", slot=target, release=ref, detail=f"chunk {start}")
+        await self.persist()
+
+        async def on_checkpoint(chunks_done: int, new_etag: str | None) -> None:
+            checkpoint.chunks_done = chunks_done
+            checkpoint.etag = new_etag
+            await self.persist()
+
+        self._set_phase(Phase.DOWNLOADING)
+        installer = Installer(
+            release,
+            source,
+            self.slots[target].path,
+            buffers=self.config.install.buffers,
+            readback=False,
+            on_progress=self._on_progress,
+            on_checkpoint=on_checkpoint if release.resumable else None,
+            checkpoint_interval=self.config.install.checkpoint_interval,
+        )
+        try:
+            result = await installer.run(start, etag)
+        except (SourceError, OSError):
+            # Progress stays: the next check resumes from the last checkpoint.
+            raise
+        except OrganixmError:
+            # A bad image: the written data is worthless; start over next time.
+            self.state.progress = None
+            await self.persist()
+            raise
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not self._cancel_requested or task is None:
+                raise  # shutdown: the checkpoint is saved, the next start resumes
+            # An admin's cancel ends this install, not the daemon.
+            task.uncancel()
+            raise Cancelled(
+                f"install of {release.describe()} into slot {target} cancelled by an admin; "
+                "the next check resumes it"
+            ) from None
+        if self.config.install.readback:
+            self._set_phase(Phase.VERIFYING)
+            try:
+                await installer.verify_on_device()
+            except OrganixmError:
+                self.state.progress = None
+                await self.persist()
+                raise
+        self.state.progress = None
+        self.state.slots[target] = SlotRecord(release=ref, status="verified", at=utcnow())
+        self.state.record(
+            "installed",
+            slot=target,
+            release=ref,
+            detail=f"{result.seconds:.1f}s, resumed at chunk {result.resumed_from}",
+        )
+        log.info(
+            "install_done",
+            seconds=round(result.seconds, 2),
+            downloaded=result.downloaded,
+            resumed_from=result.resumed_from,
+            readback=self.config.install.readback,
+        )
+        return await self._stage(release, ref, target, log)
+
+    async def _stage(
+        self, release: Release, ref: ReleaseRef, target: SlotName, log: Any
+    ) -> Verdict:
+        """Point GRUB at the verified ``target`` on trial (one env write)."""
+        if self.boot is None:
+            await self.persist()
+            return await self._conclude(
+                self._verdict(
+                    "staged",
+                    "verified",
+                    f"{release.describe()} is written and verified in slot {target}; boot "
+                    "control is not configured, so GRUB was not changed",
+                    ref,
+                )
+            )
+        await asyncio.to_thread(self.boot.stage, target, self.config.boot.trial_boots)
+        self.state.slots[target] = SlotRecord(release=ref, status="staged", at=utcnow())
+        self.state.record("flipped", slot=target, release=ref)
+        log.info("flipped", tries=self.config.boot.trial_boots)
+        return await self._conclude(
+            self._verdict(
+                "staged",
+                "staged",
+                f"{release.describe()} is verified in slot {target} and boots on trial "
+                f"({self.config.boot.trial_boots} tries) at the next reboot",
+                ref,
+            )
+        )
+
+    def _resume_point(
+        self, release: Release, ref: ReleaseRef, target: SlotName, image_url: str
+    ) -> tuple[int, str | None]:
+        progress = self.state.progress
+        if (
+            progress is None
+            or not release.resumable
+            or release.image is None
+            or progress.slot != target
+            or progress.release.sha256 != ref.sha256
+            or progress.release.uuid != ref.uuid
+            or progress.image_url != image_url
+            or progress.chunk_size != release.image.chunk_size
+        ):
+            return 0, None
+        return min(progress.chunks_done, len(release.image.chunks)), progress.etag
+
+    # ------------------------------------------------------------------ after boot
+
+    async def record_failed(self, slot: SlotName, reason: str) -> FailedRelease | None:
+        """Remember the release in ``slot`` as failed so it is never installed again."""
+        record = self.state.slots.get(slot)
+        if record is None:
+            return None
+        failed = FailedRelease(release=record.release, reason=reason, at=utcnow())
+        if self.state.has_failed(record.release) is None:
+            self.state.failed.append(failed)
+        self.state.record("fell-back", slot=slot, release=record.release, detail=reason)
+        await self.persist()
+        return failed
+
+
+def describe_time(value: datetime | None) -> str:
+    return value.isoformat(timespec="seconds") if value else "never"

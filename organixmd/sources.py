@@ -1,0 +1,494 @@
+"""Where releases come from: S3, HTTP(S) and local files behind one small interface.
+
+Each source converts its library's errors into :mod:`organixmd.errors` where they
+enter, naming the URL (never credentials). Sizes are bounded before memory is
+spent: a meta over :data:`~organixmd.meta.MAX_META_BYTES` or a signature over
+:data:`MAX_SIGNATURE_BYTES` is refused without being read in full.
+
+Layout (docs/format.md): the meta is at ``URL.meta``, its signature at
+``URL.meta.minisig``; the image object named in the meta is relative to the
+meta's directory (for the seed format the image is at ``URL`` itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol, Self
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+
+from organixmd.errors import (
+    SourceChanged,
+    SourceDenied,
+    SourceError,
+    SourceNotFound,
+    SourceUnreachable,
+)
+from organixmd.meta import MAX_META_BYTES, Release
+
+if TYPE_CHECKING:
+    from organixmd.config import SourceConfig
+
+MAX_SIGNATURE_BYTES = 64 * 1024
+READ_SIZE = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """A small object read whole: the meta or its signature."""
+
+    data: bytes
+    etag: str | None
+
+
+class ByteStream(Protocol):
+    """An open image download. ``read`` returns at most ``n`` bytes, ``b""`` at the end."""
+
+    etag: str | None
+
+    async def read(self, n: int) -> bytes: ...
+
+    async def aclose(self) -> None: ...
+
+
+async def read_exactly(stream: ByteStream, n: int, what: str) -> bytes:
+    """Read exactly ``n`` bytes or raise :class:`SourceError` naming ``what``."""
+    first = await stream.read(n)
+    if len(first) == n:
+        return first
+    buffer = bytearray(first)
+    while len(buffer) < n:
+        piece = await stream.read(n - len(buffer))
+        if not piece:
+            raise SourceError(
+                f"{what}: stream ended after {len(buffer)} of {n} bytes",
+                hint="the object is shorter than its meta says; republish the release",
+            )
+        buffer += piece
+    return bytes(buffer)
+
+
+class Source(ABC):
+    """A release location. Use as an async context manager (opens sessions)."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self.url = url
+        self.timeout = timeout
+
+    @property
+    def meta_url(self) -> str:
+        return self.url + ".meta"
+
+    @property
+    def signature_url(self) -> str:
+        return self.url + ".meta.minisig"
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+    @abstractmethod
+    async def fetch_meta(self, etag: str | None) -> Fetched | None:
+        """The meta's bytes, or ``None`` when unchanged since ``etag``."""
+
+    @abstractmethod
+    async def fetch_signature(self) -> Fetched | None:
+        """The ``.minisig`` bytes, or ``None`` when there is none."""
+
+    @abstractmethod
+    def image_url(self, release: Release) -> str:
+        """Where the release's image object is, for logs, status and resume records."""
+
+    @abstractmethod
+    async def open_image(self, release: Release, start: int, if_match: str | None) -> ByteStream:
+        """Open the image object at byte ``start``; ``if_match`` guards a resume."""
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+class _HttpStream:
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.etag: str | None = response.headers.get("ETag")
+
+    async def read(self, n: int) -> bytes:
+        try:
+            return await self._response.content.read(n)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise SourceUnreachable(
+                f"download of {self._response.url} broke off: {exc or type(exc).__name__}"
+            ) from exc
+
+    async def aclose(self) -> None:
+        self._response.release()
+
+
+class HttpSource(Source):
+    def __init__(self, url: str, timeout: float) -> None:
+        super().__init__(url, timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Self:
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_read=self.timeout),
+            auto_decompress=False,
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("HttpSource used outside 'async with'")
+        return self._session
+
+    @contextlib.asynccontextmanager
+    async def _request(
+        self, url: str, headers: dict[str, str], action: str
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        try:
+            async with self.session.get(url, headers=headers) as response:
+                yield response
+        except aiohttp.ClientConnectorError as exc:
+            raise SourceUnreachable(f"{action} {url}: cannot connect: {exc.os_error}") from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise SourceUnreachable(f"{action} {url}: {exc or type(exc).__name__}") from exc
+
+    @staticmethod
+    def _raise_for(response: aiohttp.ClientResponse, action: str) -> None:
+        url = response.url
+        status = response.status
+        if status == 404:
+            raise SourceNotFound(f"{action} {url}: 404 Not Found")
+        if status in (401, 403):
+            raise SourceDenied(f"{action} {url}: HTTP {status} {response.reason}")
+        if status == 412:
+            raise SourceChanged(f"{action} {url}: the object changed since the download began")
+        raise SourceError(f"{action} {url}: unexpected HTTP {status} {response.reason}")
+
+    async def _fetch_small(
+        self, url: str, limit: int, etag: str | None, action: str, missing_ok: bool
+    ) -> Fetched | None:
+        headers = {"If-None-Match": etag} if etag else {}
+        async with self._request(url, headers, action) as response:
+            if response.status == 304:
+                return None
+            if response.status == 404 and missing_ok:
+                return None
+            if response.status != 200:
+                self._raise_for(response, action)
+            if response.content_length is not None and response.content_length > limit:
+                raise SourceError(
+                    f"{action} {url}: {response.content_length} bytes, over the {limit}-byte limit"
+                )
+            data = await _read_bounded(_HttpStream(response), limit, f"{action} {url}")
+            return Fetched(data=data, etag=response.headers.get("ETag"))
+
+    async def fetch_meta(self, etag: str | None) -> Fetched | None:
+        fetched = await self._fetch_small(
+            self.meta_url, MAX_META_BYTES, etag, "fetch meta", missing_ok=False
+        )
+        return fetched
+
+    async def fetch_signature(self) -> Fetched | None:
+        return await self._fetch_small(
+            self.signature_url, MAX_SIGNATURE_BYTES, None, "fetch signature", missing_ok=True
+        )
+
+    def image_url(self, release: Release) -> str:
+        if release.object_is_absolute:
+            return self.url
+        return urljoin(self.meta_url, release.image_object)
+
+    async def open_image(self, release: Release, start: int, if_match: str | None) -> ByteStream:
+        url = self.image_url(release)
+        headers: dict[str, str] = {}
+        if start:
+            headers["Range"] = f"bytes={start}-"
+        if if_match:
+            headers["If-Match"] = if_match
+        context = self._request(url, headers, "download image")
+        response = await context.__aenter__()
+        expected = 206 if start else 200
+        if response.status != expected:
+            await context.__aexit__(None, None, None)
+            if start and response.status == 200:
+                raise SourceChanged(f"download image {url}: the server ignored the Range request")
+            self._raise_for(response, "download image")
+        return _ContextStream(_HttpStream(response), context)
+
+
+class _ContextStream:
+    """Keeps the request's context open for as long as the stream is read."""
+
+    def __init__(self, inner: _HttpStream, context: contextlib.AbstractAsyncContextManager[Any]):
+        self._inner = inner
+        self._context = context
+        self.etag = inner.etag
+
+    async def read(self, n: int) -> bytes:
+        return await self._inner.read(n)
+
+    async def aclose(self) -> None:
+        await self._context.__aexit__(None, None, None)
+
+
+async def _read_bounded(stream: ByteStream, limit: int, what: str) -> bytes:
+    buffer = bytearray()
+    while True:
+        piece = await stream.read(min(READ_SIZE, limit + 1 - len(buffer)))
+        if not piece:
+            return bytes(buffer)
+        buffer += piece
+        if len(buffer) > limit:
+            raise SourceError(f"{what}: more than the {limit}-byte limit; refused unread")
+
+
+# --------------------------------------------------------------------------- files
+
+
+class _FileStream:
+    def __init__(self, handle: Any, etag: str) -> None:
+        self._handle = handle
+        self.etag: str | None = etag
+
+    async def read(self, n: int) -> bytes:
+        data: bytes = await asyncio.to_thread(self._handle.read, n)
+        return data
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self._handle.close)
+
+
+def _file_etag(stat: os.stat_result) -> str:
+    return f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'
+
+
+@contextlib.contextmanager
+def _file_errors(path: Path, action: str) -> Iterator[None]:
+    try:
+        yield
+    except FileNotFoundError as exc:
+        raise SourceNotFound(f"{action} {path}: no such file") from exc
+    except PermissionError as exc:
+        raise SourceDenied(f"{action} {path}: permission denied") from exc
+    except OSError as exc:
+        raise SourceUnreachable(f"{action} {path}: {exc.strerror}") from exc
+
+
+class FileSource(Source):
+    """Releases in a local directory: offline updates from a USB stick or a mount."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        super().__init__(url, timeout)
+        self.base = Path(urlsplit(url).path)
+
+    @property
+    def meta_path(self) -> Path:
+        return self.base.with_name(self.base.name + ".meta")
+
+    def _read_small(self, path: Path, limit: int, etag: str | None) -> Fetched | None:
+        with open(path, "rb") as handle:
+            stat = os.fstat(handle.fileno())
+            tag = _file_etag(stat)
+            if etag is not None and tag == etag:
+                return None
+            if stat.st_size > limit:
+                raise SourceError(f"{path}: {stat.st_size} bytes, over the {limit}-byte limit")
+            return Fetched(data=handle.read(limit + 1)[: limit + 1], etag=tag)
+
+    async def fetch_meta(self, etag: str | None) -> Fetched | None:
+        with _file_errors(self.meta_path, "read meta"):
+            return await asyncio.to_thread(self._read_small, self.meta_path, MAX_META_BYTES, etag)
+
+    async def fetch_signature(self) -> Fetched | None:
+        path = self.base.with_name(self.base.name + ".meta.minisig")
+        try:
+            with _file_errors(path, "read signature"):
+                return await asyncio.to_thread(self._read_small, path, MAX_SIGNATURE_BYTES, None)
+        except SourceNotFound:
+            return None
+
+    def image_path(self, release: Release) -> Path:
+        if release.object_is_absolute:
+            return self.base
+        return self.base.parent / release.image_object
+
+    def image_url(self, release: Release) -> str:
+        return f"file://{self.image_path(release)}"
+
+    async def open_image(self, release: Release, start: int, if_match: str | None) -> ByteStream:
+        path = self.image_path(release)
+
+        def _open() -> _FileStream:
+            handle = open(path, "rb")  # noqa: SIM115 - closed by the stream's aclose
+            tag = _file_etag(os.fstat(handle.fileno()))
+            if if_match is not None and tag != if_match:
+                handle.close()
+                raise SourceChanged(f"download image {path}: the file changed since the start")
+            handle.seek(start)
+            return _FileStream(handle, tag)
+
+        with _file_errors(path, "open image"):
+            return await asyncio.to_thread(_open)
+
+
+# --------------------------------------------------------------------------- S3
+
+
+class _S3Stream:
+    def __init__(self, body: Any, etag: str | None, where: str) -> None:
+        self._body = body
+        self.etag = etag
+        self._where = where
+
+    async def read(self, n: int) -> bytes:
+        try:
+            data: bytes = await self._body.read(n)
+        except Exception as exc:
+            # aiobotocore raises ResponseStreamingError / AioReadTimeoutError here;
+            # both mean the connection broke off mid-object.
+            raise SourceUnreachable(
+                f"download of {self._where} broke off: {type(exc).__name__}"
+            ) from exc
+        return data
+
+    async def aclose(self) -> None:
+        self._body.close()
+
+
+class S3Source(Source):
+    def __init__(self, url: str, config: SourceConfig) -> None:
+        super().__init__(url, config.timeout)
+        from organixmd.s3client import S3Settings, parse_s3_url
+
+        self.bucket, self.key = parse_s3_url(url)
+        self._settings = S3Settings(
+            endpoint=config.s3_endpoint,
+            region=config.s3_region,
+            credentials=config.credentials,
+            credentials_file=config.credentials_file,
+        )
+        self._stack = contextlib.AsyncExitStack()
+        self._client: Any = None
+
+    async def __aenter__(self) -> Self:
+        from organixmd.s3client import open_client
+
+        self._client = await self._stack.enter_async_context(open_client(self._settings))
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._client = None
+        await self._stack.aclose()
+
+    def _image_key(self, release: Release) -> str:
+        if release.object_is_absolute:
+            return release.image_object
+        directory = self.key.rsplit("/", 1)[0] + "/" if "/" in self.key else ""
+        return directory + release.image_object
+
+    def image_url(self, release: Release) -> str:
+        return f"s3://{self.bucket}/{self._image_key(release)}"
+
+    async def _get(self, key: str, action: str, **params: Any) -> Any:
+        from organixmd.s3client import s3_errors
+
+        with s3_errors(self.bucket, key, action):
+            async with asyncio.timeout(self.timeout):
+                return await self._client.get_object(Bucket=self.bucket, Key=key, **params)
+
+    async def _fetch_small(
+        self, key: str, limit: int, etag: str | None, action: str
+    ) -> Fetched | None:
+        from botocore.exceptions import ClientError
+
+        params = {"IfNoneMatch": etag} if etag else {}
+        try:
+            response = await self._get(key, action, **params)
+        except SourceError as exc:
+            cause = exc.__cause__
+            # moto and S3 answer If-None-Match with 304, which botocore raises.
+            if isinstance(cause, ClientError) and cause.response["Error"]["Code"] in (
+                "304",
+                "NotModified",
+            ):
+                return None
+            raise
+        if response.get("ContentLength", 0) > limit:
+            response["Body"].close()
+            raise SourceError(
+                f"{action} s3://{self.bucket}/{key}: {response['ContentLength']} bytes, over the "
+                f"{limit}-byte limit"
+            )
+        stream = _S3Stream(response["Body"], response.get("ETag"), f"s3://{self.bucket}/{key}")
+        try:
+            async with asyncio.timeout(self.timeout):
+                data = await _read_bounded(stream, limit, f"{action} s3://{self.bucket}/{key}")
+        finally:
+            await stream.aclose()
+        return Fetched(data=data, etag=response.get("ETag"))
+
+    async def fetch_meta(self, etag: str | None) -> Fetched | None:
+        return await self._fetch_small(self.key + ".meta", MAX_META_BYTES, etag, "fetch meta")
+
+    async def fetch_signature(self) -> Fetched | None:
+        try:
+            return await self._fetch_small(
+                self.key + ".meta.minisig", MAX_SIGNATURE_BYTES, None, "fetch signature"
+            )
+        except SourceNotFound:
+            return None
+
+    async def open_image(self, release: Release, start: int, if_match: str | None) -> ByteStream:
+        key = self._image_key(release)
+        params: dict[str, str] = {}
+        if start:
+            params["Range"] = f"bytes={start}-"
+        if if_match:
+            params["IfMatch"] = if_match
+        response = await self._get(key, "download image", **params)
+        return _S3Stream(response["Body"], response.get("ETag"), f"s3://{self.bucket}/{key}")
+
+
+def open_source(config: SourceConfig, url: str | None = None) -> Source:
+    """The source for ``url`` (default: the configured release URL)."""
+    target = url or config.url
+    scheme = urlsplit(target).scheme
+    if scheme == "s3":
+        return S3Source(target, config)
+    if scheme in ("http", "https"):
+        return HttpSource(target, config.timeout)
+    if scheme == "file":
+        return FileSource(target, config.timeout)
+    raise SourceError(f"unsupported release URL scheme in {target!r}")

@@ -1,0 +1,351 @@
+"""The install engine against real files, real ext4 images and the real pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zstandard
+
+from organixmd.config import parse_config
+from organixmd.engine import Engine, load_public_keys
+from organixmd.errors import ImageError
+from organixmd.meta import Release, parse_meta
+from organixmd.minisign import SecretKey
+from organixmd.pipeline import Installer
+from organixmd.sources import ByteStream, FileSource
+from organixmd.state import StateStore
+from tests.support.images import make_ext4_image
+from tests.support.releases import build_legacy_release, build_release
+
+MiB = 1024 * 1024
+
+
+def sha256_file(path: Path, length: int | None = None) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        remaining = length if length is not None else os.fstat(handle.fileno()).st_size
+        while remaining > 0:
+            block = handle.read(min(remaining, 4 * MiB))
+            if not block:
+                break
+            digest.update(block)
+            remaining -= len(block)
+    return digest.hexdigest()
+
+
+class _SlowStream:
+    def __init__(self, inner: ByteStream, delay: float) -> None:
+        self._inner = inner
+        self._delay = delay
+        self.etag = inner.etag
+
+    async def read(self, n: int) -> bytes:
+        await asyncio.sleep(self._delay)
+        return await self._inner.read(min(n, 64 * 1024))
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class SlowFileSource(FileSource):
+    """A file source behind a slow link: each read waits and returns at most 64 KiB."""
+
+    def __init__(self, url: str, timeout: float, delay: float) -> None:
+        super().__init__(url, timeout)
+        self._delay = delay
+
+    async def open_image(self, release: Release, start: int, if_match: str | None) -> ByteStream:
+        return _SlowStream(await super().open_image(release, start, if_match), self._delay)
+
+
+class Host:
+    """A host's files: two file-backed slots, a kernel command line, a state dir."""
+
+    def __init__(self, root: Path, slot_size: int = 48 * MiB, booted: str = "a") -> None:
+        self.root = root
+        self.slot_a = root / "slot-a.img"
+        self.slot_b = root / "slot-b.img"
+        for slot in (self.slot_a, self.slot_b):
+            with open(slot, "wb") as handle:
+                handle.truncate(slot_size)
+        self.cmdline = root / "cmdline"
+        self.cmdline.write_text(f"BOOT_IMAGE=/x organixm.slot={booted} quiet\n")
+        self.state_dir = root / "state"
+
+    def config_text(self, url: str, extra_source: str = "", extra: str = "") -> str:
+        return f"""
+[source]
+url = "{url}"
+{extra_source}
+[slots]
+a = "{self.slot_a}"
+b = "{self.slot_b}"
+cmdline = "{self.cmdline}"
+[boot]
+grubenv = "{self.root / "grubenv"}"
+[daemon]
+state_dir = "{self.state_dir}"
+socket = "{self.root / "control.sock"}"
+host_id_file = "{self.root / "machine-id"}"
+{extra}
+"""
+
+    def engine(
+        self, url: str, extra_source: str = "", extra: str = "", slow: float = 0.0
+    ) -> Engine:
+        config = parse_config(self.config_text(url, extra_source, extra))
+        store = StateStore(config.daemon.state_dir)
+        state, _ = store.load()
+        factory = (lambda: SlowFileSource(url, 5, slow)) if slow else None
+        return Engine(
+            config,
+            store,
+            state,
+            boot=None,
+            public_keys=load_public_keys(config),
+            source_factory=factory,
+        )
+
+    def state(self) -> dict[str, Any]:
+        loaded: dict[str, Any] = json.loads((self.state_dir / "state.json").read_text())
+        return loaded
+
+
+@pytest.fixture(scope="module")
+def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real 24 MiB ext4 image built with mkfs.ext4 -d."""
+    path = tmp_path_factory.mktemp("rootfs") / "root.img"
+    return make_ext4_image(path, 24 * MiB, payload_bytes=12 * MiB, seed=7)
+
+
+@pytest.fixture(scope="module")
+def rootfs2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("rootfs2") / "root.img"
+    return make_ext4_image(path, 24 * MiB, payload_bytes=12 * MiB, seed=8)
+
+
+async def test_file_source_install_verifies_slot_b(tmp_path: Path, rootfs: Path) -> None:
+    """A newer release lands in the inactive slot b, byte for byte, and is recorded verified."""
+    host = Host(tmp_path)
+    release = build_release(rootfs, tmp_path / "pub", version="1.0", serial=1)
+    verdict = await host.engine(release.url).check()
+    assert verdict.outcome == "staged", verdict.message
+    assert verdict.code == "verified"
+    size = release.meta.image.size
+    assert sha256_file(host.slot_b, size) == sha256_file(rootfs)
+    state = host.state()
+    assert state["slots"]["b"]["status"] == "verified"
+    assert state["progress"] is None
+    # The booted slot a was never touched: still all zeros.
+    assert sha256_file(host.slot_a, size) == hashlib.sha256(bytes(size)).hexdigest()
+
+
+async def test_second_check_is_staged_not_reinstalled(tmp_path: Path, rootfs: Path) -> None:
+    """After staging, a new check reports the staged release instead of writing again."""
+    host = Host(tmp_path)
+    release = build_release(rootfs, tmp_path / "pub")
+    engine = host.engine(release.url)
+    await engine.check()
+    mtime = host.slot_b.stat().st_mtime_ns
+    verdict = await engine.check()
+    assert (verdict.outcome, verdict.code) == ("staged", "verified")
+    assert host.slot_b.stat().st_mtime_ns == mtime
+
+
+async def test_booted_slot_identified_as_up_to_date(tmp_path: Path, rootfs: Path) -> None:
+    """A host whose booted slot already holds the release (first boot) is up to date."""
+    host = Host(tmp_path)
+    host.slot_a.write_bytes(rootfs.read_bytes())
+    release = build_release(rootfs, tmp_path / "pub")
+    verdict = await host.engine(release.url).check()
+    assert (verdict.outcome, verdict.code) == ("up-to-date", "up-to-date")
+    assert sha256_file(host.slot_b) == hashlib.sha256(bytes(48 * MiB)).hexdigest()
+
+
+async def test_booted_b_writes_a(tmp_path: Path, rootfs: Path) -> None:
+    """With slot b booted the engine writes slot a, never b."""
+    host = Host(tmp_path, booted="b")
+    release = build_release(rootfs, tmp_path / "pub")
+    verdict = await host.engine(release.url).check()
+    assert verdict.outcome == "staged"
+    assert sha256_file(host.slot_a, release.meta.image.size) == sha256_file(rootfs)
+    assert sha256_file(host.slot_b) == hashlib.sha256(bytes(48 * MiB)).hexdigest()
+
+
+async def test_unknown_booted_slot_writes_nothing(tmp_path: Path, rootfs: Path) -> None:
+    """Without organixm.slot= on the command line nothing is written."""
+    host = Host(tmp_path)
+    host.cmdline.write_text("BOOT_IMAGE=/x quiet\n")
+    release = build_release(rootfs, tmp_path / "pub")
+    verdict = await host.engine(release.url).check()
+    assert (verdict.outcome, verdict.code) == ("blocked", "booted-slot-unknown")
+    for slot in (host.slot_a, host.slot_b):
+        assert sha256_file(slot) == hashlib.sha256(bytes(48 * MiB)).hexdigest()
+
+
+async def test_downgrade_refused(tmp_path: Path, rootfs: Path, rootfs2: Path) -> None:
+    """A release whose serial is not above the booted one is refused with a reason."""
+    host = Host(tmp_path)
+    host.slot_a.write_bytes(rootfs.read_bytes())
+    first = build_release(rootfs, tmp_path / "pub", serial=5)
+    engine = host.engine(first.url)
+    assert (await engine.check()).code == "up-to-date"
+    build_release(rootfs2, tmp_path / "pub", version="0.9", serial=5)
+    verdict = await engine.check()
+    assert (verdict.outcome, verdict.code) == ("blocked", "downgrade-refused")
+    assert "serial 5 is not greater" in verdict.message
+    assert sha256_file(host.slot_b) == hashlib.sha256(bytes(48 * MiB)).hexdigest()
+
+
+async def test_image_larger_than_slot_refused(tmp_path: Path, rootfs: Path) -> None:
+    """An image that does not fit the target slot is refused before any byte is written."""
+    host = Host(tmp_path, slot_size=8 * MiB)
+    release = build_release(rootfs, tmp_path / "pub")
+    verdict = await host.engine(release.url).check()
+    assert (verdict.outcome, verdict.code) == ("blocked", "slot-unusable")
+    assert "larger than slot b" in verdict.message
+    assert sha256_file(host.slot_b) == hashlib.sha256(bytes(8 * MiB)).hexdigest()
+
+
+async def test_signed_meta_installs_unsigned_refused(tmp_path: Path, rootfs: Path) -> None:
+    """With trusted keys, a signed meta installs; an unsigned or foreign-signed one is refused."""
+    key = SecretKey.generate()
+    trusted = f'public_keys = ["{key.public_key().to_base64()}"]'
+    host = Host(tmp_path)
+    unsigned = build_release(rootfs, tmp_path / "unsigned")
+    verdict = await host.engine(unsigned.url, extra_source=trusted).check()
+    assert (verdict.outcome, verdict.code) == ("blocked", "signature-invalid")
+    assert "no signature" in verdict.message
+    foreign = build_release(rootfs, tmp_path / "foreign", key=SecretKey.generate())
+    verdict = await host.engine(foreign.url, extra_source=trusted).check()
+    assert (verdict.outcome, verdict.code) == ("blocked", "signature-invalid")
+    assert sha256_file(host.slot_b) == hashlib.sha256(bytes(48 * MiB)).hexdigest()
+    signed = build_release(rootfs, tmp_path / "signed", key=key)
+    verdict = await host.engine(signed.url, extra_source=trusted).check()
+    assert verdict.outcome == "staged", verdict.message
+
+
+async def test_tampered_signed_meta_refused(tmp_path: Path, rootfs: Path) -> None:
+    """A meta changed after signing (one byte) is refused and nothing is written."""
+    key = SecretKey.generate()
+    host = Host(tmp_path)
+    release = build_release(rootfs, tmp_path / "pub", key=key)
+    data = release.meta_path.read_bytes().replace(b'"version": "1.0"', b'"version": "1.1"')
+    release.meta_path.write_bytes(data)
+    trusted = f'public_keys = ["{key.public_key().to_base64()}"]'
+    verdict = await host.engine(release.url, extra_source=trusted).check()
+    assert verdict.code == "signature-invalid"
+    assert sha256_file(host.slot_b) == hashlib.sha256(bytes(48 * MiB)).hexdigest()
+
+
+async def test_legacy_seed_meta_installs(tmp_path: Path, rootfs: Path) -> None:
+    """The seed tool's descriptor and single zstd stream install and verify."""
+    host = Host(tmp_path)
+    build_legacy_release(rootfs, tmp_path / "seed", name="pos")
+    verdict = await host.engine(f"file://{tmp_path / 'seed' / 'pos'}").check()
+    assert verdict.outcome == "staged", verdict.message
+    assert sha256_file(host.slot_b, rootfs.stat().st_size) == sha256_file(rootfs)
+    state_text = (host.state_dir / "state.json").read_text()
+    assert "seed-embedded-secret" not in state_text
+    assert "AKIASEEDEMBEDDEDKEY" not in state_text
+
+
+async def test_corrupted_chunk_stops_install(tmp_path: Path, rootfs: Path) -> None:
+    """A chunk whose bytes differ from the meta stops the install; the state never says staged."""
+    host = Host(tmp_path)
+    release = build_release(rootfs, tmp_path / "pub")
+    chunk = release.meta.image.chunks[5]
+    # Re-compress other data into the same frame slot so the frame is valid zstd
+    # but its content is wrong.
+    frame = zstandard.ZstdCompressor(level=1, write_content_size=True).compress(
+        bytes(release.meta.image.chunk_size)
+    )
+    blob = bytearray(release.object_path.read_bytes())
+    pad = chunk.length - len(frame) - 8
+    assert pad >= 0
+    # Fill the rest of the frame's place with a zstd skippable frame: valid zstd.
+    skippable = (0x184D2A50).to_bytes(4, "little") + pad.to_bytes(4, "little") + bytes(pad)
+    blob[chunk.offset : chunk.offset + chunk.length] = frame + skippable
+    release.object_path.write_bytes(bytes(blob))
+    verdict = await host.engine(release.url).check()
+    assert (verdict.outcome, verdict.code) == ("error", "chunk-mismatch")
+    assert "chunk 5" in verdict.message
+    state = host.state()
+    assert state["slots"] == {}
+    assert state["progress"] is None
+
+
+async def test_decompression_bomb_refused(tmp_path: Path, rootfs: Path) -> None:
+    """A frame that decompresses to more than its chunk is refused, not swallowed."""
+    release = build_release(rootfs, tmp_path / "pub")
+    image = release.meta.image
+    bomb = zstandard.ZstdCompressor(level=19, write_content_size=False).compress(
+        bytes(64 * image.chunk_size)
+    )
+    blob = bytearray(release.object_path.read_bytes())
+    first = image.chunks[0]
+    assert len(bomb) <= first.length
+    blob[first.offset : first.offset + first.length] = bomb + bytes(first.length - len(bomb))
+    release.object_path.write_bytes(bytes(blob))
+    meta = parse_meta(release.meta_path.read_bytes())
+    slot = tmp_path / "slot.img"
+    slot.write_bytes(bytes(48 * MiB))
+    source = FileSource(release.url, 5)
+    with pytest.raises(ImageError, match="decompression bomb"):
+        await Installer(meta, source, slot).run()
+
+
+async def test_resume_after_interruption(tmp_path: Path, rootfs: Path) -> None:
+    """An install cancelled half-way resumes at its checkpoint and the result verifies."""
+    host = Host(tmp_path)
+    release = build_release(rootfs, tmp_path / "pub", chunk_size=256 * 1024)
+    fast_checkpoints = "[install]\ncheckpoint_interval = 0.0"
+    engine = host.engine(release.url, extra=fast_checkpoints, slow=0.002)
+    task = asyncio.create_task(engine.check())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+        progress = engine.state.progress
+        if progress is not None and progress.chunks_done >= 20:
+            break
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert engine.phase.value == "idle"
+    saved = host.state()["progress"]
+    assert saved is not None
+    done = saved["chunks_done"]
+    assert 0 < done < len(release.meta.image.chunks)
+    verdict = await host.engine(release.url).check()
+    assert verdict.outcome == "staged", verdict.message
+    history = host.state()["history"]
+    installed = [e for e in history if e["event"] == "installed"]
+    assert installed[-1]["detail"].endswith(f"resumed at chunk {done}")
+    assert sha256_file(host.slot_b, release.meta.image.size) == sha256_file(rootfs)
+
+
+async def test_admin_cancel_ends_install_with_verdict(tmp_path: Path, rootfs: Path) -> None:
+    """An admin's cancel ends the install with a 'cancelled' verdict and keeps the checkpoint."""
+    host = Host(tmp_path)
+    release = build_release(rootfs, tmp_path / "pub", chunk_size=256 * 1024)
+    engine = host.engine(release.url, extra="[install]\ncheckpoint_interval = 0.0", slow=0.002)
+    task = asyncio.create_task(engine.check())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+        if engine.state.progress is not None and engine.state.progress.chunks_done >= 10:
+            break
+    assert engine.request_cancel()
+    verdict = await task
+    assert (verdict.outcome, verdict.code) == ("error", "cancelled")
+    assert "resumes" in verdict.message
+    assert host.state()["progress"] is not None
+    assert not engine.request_cancel()
+    assert engine.phase.value == "error"

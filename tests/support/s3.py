@@ -40,8 +40,11 @@ class MotoServer:
 
     def enable_auth(self) -> None:
         """Make the server check signatures from now on (wrong secrets are refused)."""
+        # moto reads the body as a bare number; a form content type would hide it.
         request = urllib.request.Request(
-            f"{self.endpoint}/moto-api/reset-auth", data=b'{"INITIAL_NO_AUTH_ACTION_COUNT": 0}'
+            f"{self.endpoint}/moto-api/reset-auth",
+            data=b"0",
+            headers={"Content-Type": "text/plain"},
         )
         urllib.request.urlopen(request, timeout=10).read()
 

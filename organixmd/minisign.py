@@ -168,8 +168,9 @@ def _write_file(path: Path, text: str, *, mode: int, overwrite: bool, what: str)
     tmp = Path(tmp_name)
     try:
         try:
-            os.fchmod(fd, mode)
-            with os.fdopen(fd, "w", encoding="ascii") as handle:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                # mkstemp made the file 0600; a public key is then opened up to ``mode``.
+                os.fchmod(handle.fileno(), mode)
                 handle.write(text)
                 handle.flush()
                 os.fsync(handle.fileno())

@@ -15,8 +15,12 @@ from tests.support.s3 import REGION, MotoServer, start_moto
 @pytest.fixture(scope="session")
 def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
     """moto's S3 server on 127.0.0.1, started once and stopped at the end of the session."""
-    log: Path = tmp_path_factory.mktemp("moto") / "moto.log"
-    server = start_moto(log)
+    work: Path = tmp_path_factory.mktemp("moto")
+    with pytest.MonkeyPatch.context() as patch:
+        # moto's request recorder (off unless a test starts it) writes here, not into
+        # the working directory.
+        patch.setenv("MOTO_RECORDER_FILEPATH", str(work / "recording.jsonl"))
+        server = start_moto(work / "moto.log")
     try:
         yield server
     finally:

@@ -231,6 +231,74 @@ def rolled_back(state: BootState, booted: Slot) -> BootState:
     return replace(state, order=(target, booted))
 
 
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What GRUB does at the next boot, and the environment it saves before booting."""
+
+    slot: Slot | None
+    reason: str
+    trial_try: int | None
+    after: BootState
+
+
+def predict_boot(state: BootState, usable: dict[Slot, bool]) -> Decision:
+    """What grub.cfg decides for ``state`` when the slots' usability is ``usable``.
+
+    The same rules as the GRUB script, step for step (the grub-emu tests hold the
+    two together): the first slot in order that is good, or on trial with tries
+    left (one is consumed), wins; a trial without tries turns bad; an unusable
+    slot is skipped keeping its tries; with no candidate any usable slot boots
+    (``last-resort``). Used by status output to say what the next boot will do.
+    """
+    slots = {"a": state.a, "b": state.b}
+    chosen: Slot | None = None
+    reason = ""
+    skip = ""
+    changed = False
+    for name in state.order:
+        if chosen is not None:
+            break
+        slot = slots[name]
+        if slot.state == "trial":
+            if slot.tries_left == 0:
+                slots[name] = SlotBoot("bad", 0, slot.tries_used)
+                changed = True
+                skip = skip or "tries-exhausted"
+            elif not usable[name]:
+                skip = skip or "unusable"
+            else:
+                slots[name] = SlotBoot("trial", slot.tries_left - 1, slot.tries_used + 1)
+                changed = True
+                chosen, reason = name, "trial"
+        elif slot.state == "good":
+            if not usable[name]:
+                skip = skip or "unusable"
+            else:
+                chosen, reason = name, (f"fallback-{skip}" if skip else "committed")
+        else:
+            skip = skip or "bad"
+    if chosen is None:
+        chosen = next((name for name in state.order if usable[name]), None)
+        reason = "last-resort" if chosen is not None else "no-usable-slot"
+    order = state.order
+    if changed and chosen is not None:
+        if slots["a"].state == "bad":
+            order = ("b", "a")
+        if slots["b"].state == "bad":
+            order = ("a", "b")
+    trial_try = slots[chosen].tries_used if chosen is not None and reason == "trial" else None
+    after = BootState(
+        order=order,
+        a=slots["a"],
+        b=slots["b"],
+        booted=chosen,
+        reason=reason,
+        trial_try=trial_try,
+        source=state.source,
+    )
+    return Decision(chosen, reason, trial_try, after)
+
+
 # ---------------------------------------------------------------------------- files
 
 

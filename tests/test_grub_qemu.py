@@ -1,0 +1,290 @@
+"""Boot control proven in real GRUB: QEMU with SeaBIOS and OVMF, and grub-emu.
+
+Each test boots a copy of one disk image built per module, changes the GRUB
+environment between boots with the daemon's own BootControl, and reads GRUB's
+decision from the serial console (the slots carry no kernel, so the menu entry
+prints its decision and halts) and from the environment GRUB saved.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from organixmd import boot, grubenv
+from organixmd.boot import BootState, Slot, SlotBoot
+from organixmd.disklayout import MIB, write_at
+from tests.support.disk import BootDisk, boot_control, build_boot_disk, copy_disk, mounted
+from tests.support.images import DEFAULT_BOOT, make_ext4_image
+from tests.support.qemu import FIRMWARES, BootResult, boot_emu, boot_qemu
+
+pytestmark = pytest.mark.slow
+
+#: Boot times per scenario, printed at the end of the module (docs/boot.md quotes them).
+TIMINGS: list[tuple[str, str, float]] = []
+
+
+@pytest.fixture(scope="module")
+def base_disk(tmp_path_factory: pytest.TempPathFactory) -> BootDisk:
+    work = tmp_path_factory.mktemp("grub-disk")
+    slot = make_ext4_image(work / "slot.img", 8 * MIB, payload_bytes=64 * 1024)
+    return build_boot_disk(work / "base.img", slot_a=slot, slot_b=slot)
+
+
+@pytest.fixture(scope="module")
+def garbage_kernel_slot(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A slot image whose kernel file exists but is not a kernel."""
+    work = tmp_path_factory.mktemp("garbage")
+    tree = work / "tree"
+    (tree / "boot").mkdir(parents=True)
+    (tree / DEFAULT_BOOT.kernel.lstrip("/")).write_bytes(os.urandom(64 * 1024))
+    return make_ext4_image(work / "slot.img", 8 * MIB, tree=tree)
+
+
+@pytest.fixture
+def disk(base_disk: BootDisk, tmp_path: Path) -> BootDisk:
+    return copy_disk(base_disk, tmp_path / "disk.img")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_timings() -> Iterator[None]:
+    yield
+    for scenario, firmware, seconds in TIMINGS:
+        print(f"boot time {firmware:4} {seconds:5.2f} s  {scenario}")
+
+
+def boot_and_time(disk: BootDisk, firmware: str, scenario: str) -> BootResult:
+    result = boot_qemu(disk.path, firmware)
+    TIMINGS.append((scenario, firmware, result.seconds))
+    return result
+
+
+def read_state(disk: BootDisk) -> BootState:
+    with boot_control(disk) as control:
+        return control.read()
+
+
+def zero_slot(disk: BootDisk, slot: Slot) -> None:
+    """Destroy the slot's file system (as a half-written image would look)."""
+    part = disk.layout.slot(slot)
+    descriptor = os.open(disk.path, os.O_WRONLY)
+    try:
+        os.pwrite(descriptor, b"\0" * MIB, part.start)
+    finally:
+        os.close(descriptor)
+
+
+@pytest.mark.parametrize("firmware", FIRMWARES)
+def test_fresh_install_boots_committed_slot_a(disk: BootDisk, firmware: str) -> None:
+    """A freshly installed disk boots slot a as committed and records it."""
+    result = boot_and_time(disk, firmware, "fresh install")
+    assert (result.slot, result.reason, result.marker["state"]) == ("a", "committed", "good")
+    assert result.pauses == 0
+    state = read_state(disk)
+    assert (state.booted, state.reason, state.trial_try) == ("a", "committed", None)
+
+
+@pytest.mark.parametrize("firmware", FIRMWARES)
+def test_flip_boots_trial_consuming_a_try_then_commit_makes_it_good(
+    disk: BootDisk, firmware: str
+) -> None:
+    """A flip boots the new slot on trial (one try consumed, saved); a commit makes it good."""
+    with boot_control(disk) as control:
+        control.flip("b", 3)
+    result = boot_and_time(disk, firmware, "flip: trial boot")
+    assert result.marker == {
+        "slot": "b",
+        "state": "trial",
+        "tries_left": "xx",
+        "reason": "trial",
+        "try": "1",
+        "env": "primary",
+    }
+    with boot_control(disk) as control:
+        state = control.read()
+        assert state.b == SlotBoot("trial", 2, 1)
+        assert (state.booted, state.reason, state.trial_try) == ("b", "trial", 1)
+        control.commit("b")
+    result = boot_and_time(disk, firmware, "committed after trial")
+    assert (result.slot, result.reason, result.marker["state"]) == ("b", "committed", "good")
+    state = read_state(disk)
+    assert state.order == ("b", "a")
+    assert state.b == SlotBoot("good")
+
+
+@pytest.mark.parametrize("firmware", FIRMWARES)
+def test_uncommitted_trial_runs_out_of_tries_and_falls_back(disk: BootDisk, firmware: str) -> None:
+    """A slot never committed boots its tries, then turns bad and the good slot boots."""
+    with boot_control(disk) as control:
+        control.initialize("b")
+        control.flip("a", 2)
+    tries = [boot_and_time(disk, firmware, f"trial try {n}") for n in (1, 2)]
+    assert [(r.slot, r.marker["try"], r.marker["tries_left"]) for r in tries] == [
+        ("a", "1", "x"),
+        ("a", "2", ""),
+    ]
+    result = boot_and_time(disk, firmware, "tries exhausted: fallback")
+    assert (result.slot, result.reason) == ("b", "fallback-tries-exhausted")
+    state = read_state(disk)
+    assert state.a.state == "bad"
+    assert state.order == ("b", "a")
+    assert (state.booted, state.reason) == ("b", "fallback-tries-exhausted")
+
+
+@pytest.mark.parametrize("firmware", FIRMWARES)
+def test_torn_primary_env_boots_from_backup_copy(disk: BootDisk, firmware: str) -> None:
+    """A torn primary block boots the slot the backup names, and GRUB records in the backup."""
+    with boot_control(disk) as control:
+        control.flip("b", 3)
+        # Tear the primary in place, as a power cut during GRUB's own save_env would.
+        with open(control.primary, "r+b") as handle:
+            handle.write(b"\0" * 512)
+    result = boot_and_time(disk, firmware, "torn primary env")
+    assert (result.slot, result.reason, result.marker["env"]) == ("b", "trial", "backup")
+    with boot_control(disk) as control:
+        state = control.read()
+        assert (state.source, state.booted, state.b.tries_left) == ("backup", "b", 2)
+        repaired = control.repair("a")
+        assert repaired.source == "primary"
+        assert grubenv.read(control.primary) == grubenv.read(control.backup)
+
+
+@pytest.mark.parametrize("firmware", FIRMWARES)
+def test_missing_env_boots_good_default(disk: BootDisk, firmware: str) -> None:
+    """With both environment copies gone the installer's default slot boots, nothing is saved."""
+    with boot_control(disk) as control:
+        control.primary.unlink()
+        control.backup.unlink()
+    result = boot_and_time(disk, firmware, "missing env")
+    assert (result.slot, result.reason, result.marker["env"]) == (
+        "a",
+        "default-env-unusable",
+        "none",
+    )
+    with mounted(disk, disk.layout.boot) as root:
+        assert sorted(p.name for p in (root / "grub").iterdir()) == ["grub.cfg"]
+
+
+@pytest.mark.parametrize("firmware", FIRMWARES)
+def test_unusable_trial_slot_is_skipped_without_consuming_a_try(
+    disk: BootDisk, firmware: str
+) -> None:
+    """A flipped slot whose partition holds no file system is skipped; its tries stay."""
+    with boot_control(disk) as control:
+        control.flip("b", 3)
+    zero_slot(disk, "b")
+    result = boot_and_time(disk, firmware, "unusable slot skipped")
+    assert (result.slot, result.reason) == ("a", "fallback-unusable")
+    assert result.pauses == 0
+    state = read_state(disk)
+    assert state.b == SlotBoot("trial", 3, 0)
+    assert (state.booted, state.reason) == ("a", "fallback-unusable")
+
+
+@pytest.mark.parametrize("firmware", FIRMWARES)
+def test_kernel_that_fails_to_load_falls_back_to_other_slot(
+    disk: BootDisk, garbage_kernel_slot: Path, firmware: str
+) -> None:
+    """A trial slot whose kernel does not load falls back to the other slot via the menu."""
+    write_at(
+        disk.path,
+        disk.layout.slot_b.start,
+        garbage_kernel_slot,
+        disk.layout.slot_b.size,
+        sparse=False,
+    )
+    with boot_control(disk) as control:
+        control.flip("b", 3)
+    result = boot_and_time(disk, firmware, "kernel fails to load: fallback")
+    assert (result.slot, result.reason) == ("a", "fallback-load-failed")
+    assert "Falling back to" in result.output
+    state = read_state(disk)
+    assert (state.booted, state.reason) == ("a", "fallback-load-failed")
+    assert state.b == SlotBoot("trial", 2, 1)
+
+
+@pytest.mark.parametrize("firmware", FIRMWARES)
+def test_both_slots_bad_boots_last_resort_never_a_menu(disk: BootDisk, firmware: str) -> None:
+    """With both slots bad a usable one still boots as last resort; with none, GRUB says so."""
+    with boot_control(disk) as control:
+        control.mark_bad("a")
+        control.mark_bad("b")
+    result = boot_and_time(disk, firmware, "both bad: last resort")
+    assert (result.slot, result.reason) == ("a", "last-resort")
+    zero_slot(disk, "a")
+    zero_slot(disk, "b")
+    result = boot_and_time(disk, firmware, "no usable slot")
+    assert (result.slot, result.reason) == ("none", "no-bootable-slot")
+    assert read_state(disk).reason == "no-usable-slot"
+
+
+# ---------------------------------------------------------------------------- grub-emu
+
+SLOT_STATES = [
+    SlotBoot("good"),
+    SlotBoot("trial", 2, 0),
+    SlotBoot("trial", 1, 1),
+    SlotBoot("trial", 0, 2),
+    SlotBoot("bad"),
+]
+
+
+def _env_offset(disk: BootDisk, tmp_path: Path) -> int:
+    """Byte offset of the primary grubenv's data block inside the disk image."""
+    with mounted(disk, disk.layout.boot) as root:
+        path = root / "grub" / "grubenv"
+        grubenv.write(path, grubenv.read(path))
+    import subprocess
+
+    image = tmp_path / "boot-part.img"
+    with open(disk.path, "rb") as source, open(image, "wb") as target:
+        source.seek(disk.layout.boot.start)
+        target.write(source.read(disk.layout.boot.size))
+    output = subprocess.run(
+        ["debugfs", "-R", "bmap /grub/grubenv 0", str(image)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return disk.layout.boot.start + int(output.split()[0]) * 4096
+
+
+def test_grub_emu_matches_predicted_decision_for_every_state(
+    disk: BootDisk, tmp_path: Path
+) -> None:
+    """For every slot state, order and usability GRUB decides and saves what predict_boot says."""
+    block_offset = _env_offset(disk, tmp_path)
+    slot_a = disk.layout.slot_a
+    slot_b = disk.layout.slot_b
+    with open(disk.path, "rb") as handle:
+        handle.seek(slot_a.start)
+        good_head = handle.read(MIB)
+    checked = 0
+    descriptor = os.open(disk.path, os.O_RDWR)
+    try:
+        for state_a, state_b, order, usable_a, usable_b in itertools.product(
+            SLOT_STATES, SLOT_STATES, [("a", "b"), ("b", "a")], [True, False], [True, False]
+        ):
+            if not (usable_a or usable_b) and checked % 3:
+                continue
+            state = BootState(order=order, a=state_a, b=state_b)  # type: ignore[arg-type]
+            os.pwrite(descriptor, grubenv.render(boot.env_from_state(state)), block_offset)
+            for part, usable in ((slot_a, usable_a), (slot_b, usable_b)):
+                os.pwrite(descriptor, good_head if usable else b"\0" * MIB, part.start)
+            expected = boot.predict_boot(state, {"a": usable_a, "b": usable_b})
+            result = boot_emu(disk.path, tmp_path, disk.layout.boot.number)
+            saved = boot.state_from_env(grubenv.parse(os.pread(descriptor, 1024, block_offset)))
+            context = f"{state} usable a={usable_a} b={usable_b}: {result.marker}"
+            if expected.slot is None:
+                assert result.slot == "none", context
+            else:
+                assert (result.slot, result.reason) == (expected.slot, expected.reason), context
+            assert saved == expected.after, context
+            checked += 1
+    finally:
+        os.close(descriptor)
+    assert checked > 150

@@ -484,3 +484,21 @@ def test_large_ext4_image_round_trip(
             f"{release.size / elapsed / 1e6:.0f} MB/s, ratio {ratio:.2f}; {summary.strip()}"
         )
     assert ratio > 1.5
+
+
+def test_format_doc_example_is_valid_and_signed() -> None:
+    """docs/format.md's complete example parses, and its signature verifies over its bytes."""
+    text = (Path(__file__).parent.parent / "docs" / "format.md").read_text()
+    example = text[text.index("## Complete example") :]
+    meta_text = example.split("```json\n", 1)[1].split("```", 1)[0]
+    blocks = example.split("```")
+    minisig = blocks[3].lstrip("\n")
+    public = example.split("public half is `", 1)[1].split("`", 1)[0]
+    meta_bytes = meta_text.encode()
+    release = parse_meta(meta_bytes)
+    assert release.image is not None
+    assert release.image.chunk_plain_size(3) == 33392
+    last = release.image.chunks[-1]
+    assert release.image.compressed_size == last.offset + last.length + 8 * 4 + 17
+    verified = verify(meta_bytes, minisig.encode(), [PublicKey.parse(public)])
+    assert verified.trusted_comment.startswith("organixm version=24.11.3 serial=1732600000")

@@ -25,7 +25,7 @@ from typing import BinaryIO
 
 import zstandard
 
-from organixmd.errors import ConfigError, ImageError
+from organixmd.errors import Cancelled, ConfigError, ImageError
 from organixmd.meta import (
     MAX_CHUNK_SIZE,
     MAX_IMAGE_SIZE,
@@ -160,6 +160,7 @@ def write_image(
     level: int = DEFAULT_LEVEL,
     workers: int | None = None,
     progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
 ) -> WrittenImage:
     """Compress the raw image at ``source`` into ``out`` in the organixm image format.
 
@@ -168,7 +169,8 @@ def write_image(
     chunks in flight, so memory stays bounded whatever the image size. Frames
     are written to ``out`` in order, starting at ``out``'s current position,
     which must be 0. ``progress(done, total)`` is called from this thread after
-    each chunk. Blocking: call it from a worker thread in async code.
+    each chunk. Blocking: call it from a worker thread in async code, and set
+    ``cancel`` to stop it early (it then raises :class:`Cancelled`).
 
     No library writes the seek table for frames compressed in parallel (pyzstd's
     writer compresses serially), which is why the seek table is assembled here.
@@ -187,7 +189,7 @@ def write_image(
             raise ConfigError(f"the image {source} is empty")
         if size > MAX_IMAGE_SIZE:
             raise ConfigError(f"the image {source} is {size} bytes, over {MAX_IMAGE_SIZE}")
-        return _compress(fd, size, out, chunk_size, level, threads, progress)
+        return _compress(fd, size, out, chunk_size, level, threads, progress, cancel)
     finally:
         os.close(fd)
 
@@ -200,6 +202,7 @@ def _compress(
     level: int,
     threads: int,
     progress: ProgressCallback | None,
+    cancel: threading.Event | None,
 ) -> WrittenImage:
     whole = hashlib.sha256()
     compressed = hashlib.sha256()
@@ -222,6 +225,8 @@ def _compress(
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="zstd") as pool:
         try:
             for offset in range(0, size, chunk_size):
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("compression of the image was cancelled")
                 plain = _read_exact(fd, offset, min(chunk_size, size - offset))
                 # The whole-image hash needs the chunks in order; this thread sees
                 # them in order and hashlib releases the GIL while the pool compresses.

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -477,27 +478,21 @@ def _load_key(request: PublishRequest) -> SecretKey | None:
     return SecretKey.load(request.secret_key, request.password)
 
 
-def _compress_to_staging(
-    request: PublishRequest, staging_dir: Path | None, progress: Progress | None
-) -> tuple[WrittenImage, Path]:
-    """Compress into a new hidden file in ``staging_dir``. Blocking; removes it on failure."""
-    fd, name = tempfile.mkstemp(prefix=".partial-", suffix=".img.zst", dir=staging_dir)
-    staged = Path(name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            written = write_image(
-                request.image,
-                out,
-                chunk_size=request.chunk_size,
-                level=request.level,
-                progress=(lambda done, total: progress("compress", done, total))
-                if progress is not None
-                else None,
-            )
-    except BaseException:
-        staged.unlink(missing_ok=True)
-        raise
-    return written, staged
+def _compress_to(
+    request: PublishRequest, fd: int, progress: Progress | None, cancel: threading.Event
+) -> WrittenImage:
+    """Compress the image into ``fd`` (closed on return). Blocking: runs in a worker thread."""
+    with os.fdopen(fd, "wb") as out:
+        return write_image(
+            request.image,
+            out,
+            chunk_size=request.chunk_size,
+            level=request.level,
+            progress=(lambda done, total: progress("compress", done, total))
+            if progress is not None
+            else None,
+            cancel=cancel,
+        )
 
 
 def build_meta(request: PublishRequest, written: WrittenImage, object_name: str) -> MetaV1:
@@ -551,10 +546,20 @@ async def publish(request: PublishRequest, progress: Progress | None = None) -> 
             local = LocalTarget(Path(place))
             await asyncio.to_thread(local.prepare)
             target = local
-        written, staged = await asyncio.to_thread(
-            _compress_to_staging, request, target.staging_dir, progress
+        fd, staged_name = tempfile.mkstemp(
+            prefix=".partial-", suffix=".img.zst", dir=target.staging_dir
         )
+        staged = Path(staged_name)
+        # Removed on every exit: after an upload it is a redundant copy, after a
+        # failure or cancellation an incomplete one.
         stack.callback(staged.unlink, missing_ok=True)
+        cancel = threading.Event()
+        try:
+            written = await asyncio.to_thread(_compress_to, request, fd, progress, cancel)
+        except asyncio.CancelledError:
+            # The worker thread cannot be interrupted; tell it to stop at the next chunk.
+            cancel.set()
+            raise
         compressed_at = time.monotonic()
         object_name = f"{IMAGES_DIR}/{written.compressed_sha256}.img.zst"
         meta = build_meta(request, written, object_name)

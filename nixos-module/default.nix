@@ -175,7 +175,7 @@ in
       default = { };
       description = ''
         Contents of `/etc/organixm/organixmd.toml`, the daemon's
-        configuration (see `docs/config.md` for every key). Secrets do not
+        configuration (see `docs/configuration.md` for every key). Secrets do not
         belong here: this file is in the world-readable Nix store. Use
         {option}`services.organixm.credentialsFile` for S3 keys.
       '';

@@ -101,6 +101,25 @@ class SlotWriter:
             self.fd = -1
 
 
+class DiscardWriter(SlotWriter):
+    """A writer that keeps nothing: for verifying a published release end to end."""
+
+    def __init__(self) -> None:
+        self.path = Path("/dev/null")
+        self.fd = -1
+        self.direct = False
+        self.sector = 1
+
+    def write(self, offset: int, buffer: mmap.mmap, length: int) -> None:
+        return None
+
+    def sync(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
 def hash_device(path: Path, length: int, hasher: hashlib._Hash | None = None) -> hashlib._Hash:
     """SHA-256 of the first ``length`` bytes as they are on the device, not in the page cache.
 

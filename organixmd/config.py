@@ -76,6 +76,8 @@ _WINDOW_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$"
 
 class BootConfig(_Section):
     grubenv: Path = Path("/boot/grub/grubenv")
+    #: The second copy GRUB falls back to when the primary is torn; default ``<grubenv>.bak``.
+    grubenv_backup: Path | None = None
     trial_boots: int = Field(default=3, ge=1, le=9)
     reboot: Literal["never", "immediately", "window"] = "never"
     maintenance_window: str | None = None
@@ -96,6 +98,10 @@ class BootConfig(_Section):
         if not self.reboot_command:
             raise ValueError("reboot_command must not be empty")
         return self
+
+    @property
+    def grubenv_copy(self) -> Path:
+        return self.grubenv_backup or self.grubenv.with_name(self.grubenv.name + ".bak")
 
     def window(self) -> tuple[time, time] | None:
         if self.maintenance_window is None:
@@ -131,6 +137,12 @@ class Config(_Section):
     boot: BootConfig = BootConfig()
     daemon: DaemonConfig = DaemonConfig()
     install: InstallConfig = InstallConfig()
+
+    @model_validator(mode="after")
+    def _distinct_slots(self) -> Config:
+        if self.slots.a == self.slots.b:
+            raise ValueError("slots.a and slots.b name the same path; they must differ")
+        return self
 
 
 def _describe(exc: ValidationError, origin: str) -> str:

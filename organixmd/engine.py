@@ -22,7 +22,7 @@ import asyncio
 import hashlib
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
@@ -99,6 +99,16 @@ class LiveProgress:
 EventSink = Callable[[str, dict[str, Any]], None]
 
 
+@dataclass
+class Counters:
+    """Process-lifetime counters for /metrics."""
+
+    checks: dict[str, int] = field(default_factory=dict)
+    bytes_downloaded: int = 0
+    installs: int = 0
+    last_install_seconds: float | None = None
+
+
 def release_ref(release: Release) -> ReleaseRef:
     return ReleaseRef(
         version=release.version,
@@ -171,6 +181,7 @@ class Engine:
         self.progress: LiveProgress | None = None
         self.current: ReleaseRef | None = None
         self.last_error: OrganixmError | None = None
+        self.counters = Counters()
         self.host_id = read_host_id(config.daemon.host_id_file)
         self.log = get_logger("organixmd.engine")
         self.slots = slot_paths(config.slots)
@@ -210,6 +221,7 @@ class Engine:
         self._emit("phase", phase=phase.value)
 
     async def _conclude(self, verdict: Verdict, *, keep_etag: str | None = None) -> Verdict:
+        self.counters.checks[verdict.outcome] = self.counters.checks.get(verdict.outcome, 0) + 1
         self.state.last_check = verdict.at
         self.state.last_verdict = verdict
         self.state.meta_etag = keep_etag
@@ -522,6 +534,9 @@ class Engine:
             release=ref,
             detail=f"{result.seconds:.1f}s, resumed at chunk {result.resumed_from}",
         )
+        self.counters.installs += 1
+        self.counters.bytes_downloaded += result.downloaded
+        self.counters.last_install_seconds = result.seconds
         log.info(
             "install_done",
             seconds=round(result.seconds, 2),

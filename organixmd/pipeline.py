@@ -36,7 +36,7 @@ from typing import IO, Any, cast
 
 import zstandard
 
-from organixmd.blockio import SlotWriter, aligned_buffer, hash_device
+from organixmd.blockio import DiscardWriter, SlotWriter, aligned_buffer, hash_device
 from organixmd.errors import ChunkMismatch, ImageError, ImageMismatch, OrganixmError, SlotError
 from organixmd.meta import Release
 from organixmd.sources import ByteStream, Source, read_exactly
@@ -174,13 +174,17 @@ class _QueueReader:
 
 
 class Installer:
-    """Puts one release into one slot, verified. Create one per install attempt."""
+    """Puts one release into one slot, verified. Create one per install attempt.
+
+    With ``slot_path=None`` nothing is written: the stream is only verified (every
+    chunk and the whole image), which is what ``organixctl verify`` does.
+    """
 
     def __init__(
         self,
         release: Release,
         source: Source,
-        slot_path: Path,
+        slot_path: Path | None,
         *,
         buffers: int = 8,
         readback: bool = True,
@@ -219,7 +223,11 @@ class Installer:
             start_chunk = 0
         self._started = time.monotonic()
         try:
-            writer = await asyncio.to_thread(SlotWriter, self.slot_path)
+            writer = (
+                DiscardWriter()
+                if self.slot_path is None
+                else await asyncio.to_thread(SlotWriter, self.slot_path)
+            )
         except OSError as exc:
             raise SlotError(
                 f"cannot open slot {self.slot_path} for writing: {exc.strerror}"
@@ -241,7 +249,7 @@ class Installer:
                 f"image {self.source.image_url(self.release)}: SHA-256 {streamed} of the streamed "
                 f"image differs from the meta's {self.release.sha256}"
             )
-        if self.readback:
+        if self.readback and self.slot_path is not None:
             await self.verify_on_device()
         return InstallResult(
             sha256=streamed,
@@ -253,6 +261,8 @@ class Installer:
 
     async def verify_on_device(self) -> None:
         """Read the slot back with O_DIRECT and compare with the meta (invariant 2)."""
+        if self.slot_path is None:
+            raise SlotError("verify_on_device needs a slot; this installer only verifies a stream")
         try:
             digest = await asyncio.to_thread(hash_device, self.slot_path, self.release.size)
         except OSError as exc:
@@ -269,7 +279,7 @@ class Installer:
     async def _seed_hash(self, start_chunk: int) -> Any:
         """The whole-image hash, fed with the already written prefix when resuming."""
         image = self.release.image
-        if start_chunk == 0 or image is None:
+        if start_chunk == 0 or image is None or self.slot_path is None:
             return hashlib.sha256()
         prefix = start_chunk * image.chunk_size
         self._bytes_done = prefix

@@ -1,0 +1,270 @@
+"""After boot: reconcile what GRUB did with the daemon's state, commit or fail the trial.
+
+At start the daemon asks GRUB's environment what happened at this boot:
+
+* the booted slot is on trial → a trial boot; ``mark-good`` (run by
+  ``organixm-mark-good.service`` after ``boot-complete.target``) commits it, and a
+  deadline marks it bad if nothing did;
+* GRUB recorded a fallback (tries ran out, the slot was unusable or its kernel
+  failed to load) → the release in the other slot failed its trial: it is
+  remembered as failed and never installed again (invariant 4);
+* the environment is torn or missing → it is recreated with the running slot
+  as the committed one (it booted, so it is good enough to fall back to).
+
+Writes to the environment block on fsync and run in worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from organixmd.boot import BootState
+from organixmd.bootport import GrubBootPort
+from organixmd.config import Config
+from organixmd.engine import Engine
+from organixmd.errors import BootError, OrganixmError, SlotError
+from organixmd.logsetup import get_logger
+from organixmd.slots import SlotName, other
+from organixmd.state import SlotRecord, utcnow
+
+
+@dataclass(frozen=True, slots=True)
+class BootReport:
+    """Why this slot is running, in words an admin reads in ``organixctl status``."""
+
+    booted: SlotName | None
+    reason: str | None
+    trial_try: int | None
+    on_trial: bool
+    explanation: str
+
+
+def explain(state: BootState | None, booted: SlotName | None) -> BootReport:
+    if booted is None:
+        return BootReport(
+            None, None, None, False, "not booted through organixm's GRUB (no organixm.slot=)"
+        )
+    if state is None:
+        return BootReport(booted, None, None, False, "the GRUB environment is unreadable")
+    on_trial = state.slot(booted).state == "trial"
+    reason = state.reason if state.booted == booted else None
+    texts = {
+        "committed": f"slot {booted} is the committed slot",
+        "trial": f"slot {booted} is on trial (try {state.trial_try or '?'}), waiting for "
+        "boot-complete.target to commit it",
+        "fallback-tries-exhausted": f"fell back to slot {booted}: slot {other(booted)} used up "
+        "its trial boots without being committed",
+        "fallback-unusable": f"fell back to slot {booted}: slot {other(booted)} was unusable "
+        "(partition or boot entry missing)",
+        "fallback-bad": f"slot {booted} boots because slot {other(booted)} is marked bad",
+        "fallback-load-failed": f"fell back to slot {booted}: the kernel of slot "
+        f"{other(booted)} failed to load",
+        "default-env-unusable": f"slot {booted} booted as GRUB's default: the boot environment "
+        "was unusable",
+        "last-resort": f"slot {booted} booted as the last resort: no slot was marked usable",
+    }
+    explanation = texts.get(reason or "", f"slot {booted} booted ({reason or 'no GRUB record'})")
+    if on_trial and reason != "trial":
+        explanation += "; it is still on trial"
+    return BootReport(booted, reason, state.trial_try, on_trial, explanation)
+
+
+class BootManager:
+    """Boot assessment and the admin's boot commands (mark-good, mark-bad, rollback)."""
+
+    def __init__(self, config: Config, engine: Engine, port: GrubBootPort) -> None:
+        self.config = config
+        self.engine = engine
+        self.port = port
+        self.booted = port.booted
+        self.report = explain(None, self.booted)
+        self.log = get_logger("organixmd.boot", slot=self.booted)
+        self._lock = asyncio.Lock()
+
+    async def read(self) -> BootState | None:
+        try:
+            return await asyncio.to_thread(self.port.read)
+        except BootError:
+            return None
+
+    async def reconcile(self) -> BootReport:
+        """Run once at start: repair the env, learn why we booted, record a fallback."""
+        booted = self.booted
+        state = await self.read()
+        if state is None and booted is not None:
+            state = await asyncio.to_thread(self.port.control.repair, booted)
+            self.engine.state.record("env-repaired", slot=booted)
+            self.log.warning(
+                "env_repaired",
+                detail=f"the GRUB environment was missing or corrupt; recreated with slot "
+                f"{booted} committed",
+            )
+        elif state is not None and state.source == "backup" and booted is not None:
+            state = await asyncio.to_thread(self.port.control.repair, booted)
+            self.log.warning("env_repaired", detail="primary copy was torn; restored from backup")
+        self.report = explain(state, booted)
+        if state is None or booted is None:
+            await self.engine.persist()
+            return self.report
+        if self.report.reason and self.report.reason.startswith("fallback"):
+            await self._record_fallback(booted, self.report.reason)
+        await self.engine.persist()
+        self.log.info("boot_assessed", reason=self.report.reason, detail=self.report.explanation)
+        return self.report
+
+    async def _record_fallback(self, booted: SlotName, reason: str) -> None:
+        failed_slot = other(booted)
+        record = self.engine.state.slots.get(failed_slot)
+        if record is None or record.status not in ("staged", "verified"):
+            return
+        failed = await self.engine.record_failed(failed_slot, reason)
+        # The slot's content stays, but it is no longer a candidate.
+        del self.engine.state.slots[failed_slot]
+        if failed is not None:
+            self.log.warning(
+                "fell_back",
+                failed_slot=failed_slot,
+                version=failed.release.version,
+                serial=failed.release.serial,
+                reason=reason,
+            )
+
+    # ------------------------------------------------------------------ admin commands
+
+    def _require_booted(self) -> SlotName:
+        if self.booted is None:
+            raise SlotError(
+                "the booted slot is unknown (no organixm.slot= on the kernel command line)",
+                hint="boot through organixm's grub.cfg",
+            )
+        return self.booted
+
+    async def mark_good(self) -> BootState:
+        """Commit the booted slot (trial → good). Idempotent."""
+        booted = self._require_booted()
+        async with self._lock:
+            before = await self.read()
+            state = await asyncio.to_thread(self.port.control.commit, booted)
+            record = self.engine.state.slots.get(booted)
+            if record is not None and record.status != "installed":
+                self.engine.state.slots[booted] = SlotRecord(
+                    release=record.release, status="installed", at=utcnow()
+                )
+            if before is None or before.slot(booted).state != "good":
+                self.engine.state.record(
+                    "committed", slot=booted, release=record.release if record else None
+                )
+                self.log.info(
+                    "committed",
+                    version=record.release.version if record else None,
+                    serial=record.release.serial if record else None,
+                )
+            await self.engine.persist()
+            self.report = explain(state, booted)
+            return state
+
+    async def mark_bad(self, reason: str = "marked bad by an admin") -> BootState:
+        """The booted slot failed: mark it bad, remember its release, reboot by policy."""
+        booted = self._require_booted()
+        async with self._lock:
+            state = await asyncio.to_thread(self.port.control.mark_bad, booted)
+            failed = await self.engine.record_failed(booted, reason)
+            self.log.warning(
+                "marked_bad",
+                reason=reason,
+                version=failed.release.version if failed else None,
+            )
+            self.report = explain(state, booted)
+            return state
+
+    async def rollback(self) -> BootState:
+        """Boot the other (committed) slot next."""
+        booted = self._require_booted()
+        async with self._lock:
+            state = await asyncio.to_thread(self.port.control.rollback)
+            self.engine.state.record("rollback", slot=other(booted))
+            await self.engine.persist()
+            self.log.info("rollback", next_slot=other(booted))
+            return state
+
+    async def watch_deadline(self, on_failed: Reboot) -> None:
+        """Mark the booted trial slot bad if it is not committed within the deadline."""
+        if self.booted is None or not self.report.on_trial:
+            return
+        await asyncio.sleep(self.config.boot.commit_deadline)
+        state = await self.read()
+        if state is None or state.slot(self.booted).state != "trial":
+            return
+        await self.mark_bad(f"not committed within {self.config.boot.commit_deadline:.0f}s of boot")
+        await on_failed.request("trial deadline passed")
+
+
+class Reboot:
+    """Reboot policy: at once, only inside the maintenance window, or never."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config.boot
+        self.pending: str | None = None
+        self.log = get_logger("organixmd.reboot")
+
+    def in_window(self, now: datetime | None = None) -> bool:
+        window = self.config.window()
+        if window is None:
+            return True
+        current = (now or datetime.now()).time()
+        start, end = window
+        if start <= end:
+            return start <= current < end
+        return current >= start or current < end
+
+    def seconds_until_window(self, now: datetime | None = None) -> float:
+        window = self.config.window()
+        if window is None or self.in_window(now):
+            return 0.0
+        moment = now or datetime.now()
+        start = datetime.combine(moment.date(), window[0])
+        if start <= moment:
+            start += timedelta(days=1)
+        return (start - moment).total_seconds()
+
+    async def request(self, why: str) -> bool:
+        """Reboot now if policy allows; otherwise remember it. Returns whether it rebooted."""
+        policy = self.config.reboot
+        if policy == "never":
+            self.pending = why
+            self.log.info("reboot_pending", reason=why, detail="reboot = never: the admin reboots")
+            return False
+        if policy == "window" and not self.in_window():
+            self.pending = why
+            self.log.info("reboot_waiting_for_window", reason=why)
+            return False
+        return await self.run(why)
+
+    async def run(self, why: str) -> bool:
+        self.log.warning("rebooting", reason=why, command=" ".join(self.config.reboot_command))
+        try:
+            process = await asyncio.create_subprocess_exec(*self.config.reboot_command)
+            code = await process.wait()
+        except OSError as exc:
+            raise OrganixmError(
+                f"reboot command {self.config.reboot_command[0]!r} failed: {exc.strerror}"
+            ) from exc
+        if code != 0:
+            raise OrganixmError(f"reboot command exited with {code}")
+        self.pending = None
+        return True
+
+    async def wait_for_window(self) -> None:
+        """Reboot for a pending reason once the window opens (reboot = window)."""
+        while True:
+            if self.pending is not None and self.config.reboot == "window":
+                if self.in_window():
+                    with contextlib.suppress(OrganixmError):
+                        await self.run(self.pending)
+                    return
+                await asyncio.sleep(min(self.seconds_until_window(), 3600))
+            else:
+                return

@@ -1,0 +1,28 @@
+"""The engine's and daemon's adapter onto :class:`organixmd.boot.BootControl`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from organixmd.boot import BootControl, BootState
+from organixmd.slots import SlotName
+
+
+class GrubBootPort:
+    """Boot control through the GRUB environment block (primary and backup copy).
+
+    Methods block on fsync; the engine calls the writing ones in a worker thread.
+    """
+
+    def __init__(self, primary: Path, backup: Path, booted: SlotName | None) -> None:
+        self.control = BootControl(primary, backup, booted=booted)
+        self.booted = booted
+
+    def read(self) -> BootState:
+        return self.control.read()
+
+    def booted_on_trial(self, booted: SlotName) -> bool:
+        return self.control.read().slot(booted).state == "trial"
+
+    def stage(self, target: SlotName, tries: int) -> None:
+        self.control.flip(target, tries)

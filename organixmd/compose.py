@@ -1,0 +1,39 @@
+"""The composition root: builds the daemon's components in dependency order.
+
+Each component gets only what it uses; nothing reaches into a shared registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from organixmd.config import Config
+from organixmd.engine import BootPort, Engine, EventSink, load_public_keys
+from organixmd.logsetup import get_logger
+from organixmd.state import StateStore
+
+
+def build_boot_port(config: Config) -> BootPort:
+    from organixmd.bootport import GrubBootPort
+    from organixmd.slots import booted_slot
+
+    return GrubBootPort(
+        config.boot.grubenv, config.boot.grubenv_copy, booted_slot(config.slots.cmdline)
+    )
+
+
+async def build_engine(config: Config, on_event: EventSink | None = None) -> Engine:
+    """Load keys and state and wire the engine. Raises ConfigError/StateError."""
+    keys = load_public_keys(config)
+    store = StateStore(config.daemon.state_dir)
+    state, note = await asyncio.to_thread(store.load)
+    if note is not None:
+        get_logger("organixmd").warning("state_reset", detail=note)
+    return Engine(
+        config,
+        store,
+        state,
+        boot=build_boot_port(config),
+        public_keys=keys,
+        on_event=on_event,
+    )

@@ -1,0 +1,246 @@
+"""The long-running daemon: boot assessment, the poll loop, the control socket, systemd.
+
+Start-up order: configuration (already loaded) → engine and state → boot
+assessment (repair the GRUB env, learn why this slot booted, record a fallback)
+→ control socket → the boot-time check → ``READY=1``. Units ordered
+``After=organixm-update.service`` therefore start once the boot-time check has
+finished, as with the original tool.
+
+Shutdown (SIGTERM/SIGINT) is driven by one ``asyncio.Event``: ``STOPPING=1``,
+the running install is cancelled (its checkpoint is saved, the next start
+resumes), each stage under a timeout, the socket removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from organixmd.api import ControlServer, EventHub
+from organixmd.bootmanager import BootManager, Reboot
+from organixmd.bootport import GrubBootPort
+from organixmd.compose import build_engine
+from organixmd.config import Config
+from organixmd.engine import Engine, Phase
+from organixmd.errors import Busy, OrganixmError
+from organixmd.logsetup import get_logger
+from organixmd.notify import Notifier, watchdog_interval
+from organixmd.state import Verdict
+
+SHUTDOWN_STAGE_TIMEOUT = 20.0
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+class Daemon:
+    """Owns the long-lived tasks. Built by :func:`run_daemon`, the composition root."""
+
+    def __init__(
+        self,
+        config: Config,
+        engine: Engine,
+        manager: BootManager,
+        reboot: Reboot,
+        hub: EventHub,
+        notifier: Notifier,
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.manager = manager
+        self.reboot = reboot
+        self.hub = hub
+        self.notifier = notifier
+        self.stop = asyncio.Event()
+        self.wakeup = asyncio.Event()
+        self.next_check: datetime | None = None
+        self.started = datetime.now(UTC)
+        self.ready = False
+        self.log = get_logger("organixmd.daemon")
+        self._background: set[asyncio.Task[Any]] = set()
+        self._failures = 0
+        self._last_status: float = 0.0
+
+    # ------------------------------------------------------------------ systemd status
+
+    def status_line(self) -> str:
+        engine = self.engine
+        progress = engine.progress
+        if engine.phase in (Phase.DOWNLOADING, Phase.VERIFYING) and progress is not None:
+            version = engine.current.version if engine.current else "?"
+            return (
+                f"{engine.phase.value} {version}: {format_bytes(progress.bytes_done)} of "
+                f"{format_bytes(progress.bytes_total)} at {format_bytes(progress.rate)}/s"
+            )
+        verdict = engine.state.last_verdict
+        if verdict is None:
+            return engine.phase.value
+        return f"{verdict.outcome}: {verdict.message}"[:200]
+
+    def on_event(self, kind: str, fields: dict[str, Any]) -> None:
+        self.hub.publish(kind, fields)
+        if kind in ("phase", "verdict") or (kind == "progress" and self._status_due()):
+            self.notifier.status(self.status_line())
+
+    def _status_due(self) -> bool:
+        now = time.monotonic()
+        if now - self._last_status >= 1.0:
+            self._last_status = now
+            return True
+        return False
+
+    # ------------------------------------------------------------------ operations
+
+    async def run_check(self, *, install: bool = True, force: bool = False) -> Verdict:
+        """One check; after staging, reboot according to policy."""
+        verdict = await self.engine.check(install=install, force=force)
+        if verdict.outcome == "staged" and verdict.code == "staged":
+            version = verdict.release.version if verdict.release else "release"
+            with contextlib.suppress(OrganixmError):
+                await self.reboot.request(f"{version} staged")
+        return verdict
+
+    def start_update(self, *, force: bool, reboot: bool) -> asyncio.Task[Verdict]:
+        """Start an install in the background (the API answers 202). Busy if one runs."""
+        if self.engine.busy:
+            raise Busy("a check or install is already running")
+
+        async def update() -> Verdict:
+            verdict = await self.engine.check(install=True, force=force)
+            if verdict.outcome == "staged" and verdict.code == "staged":
+                if reboot:
+                    await self.reboot.run("admin asked for a reboot after the update")
+                else:
+                    with contextlib.suppress(OrganixmError):
+                        await self.reboot.request("update staged")
+            return verdict
+
+        return self.spawn(update())
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """A background task with a held reference (no fire-and-forget)."""
+        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    def _delay(self, verdict: Verdict | None) -> float:
+        daemon = self.config.daemon
+        if verdict is not None and verdict.outcome == "error":
+            self._failures += 1
+            # Exponential backoff on errors, capped; jitter spreads a fleet's retries.
+            base = min(daemon.backoff_max, 30.0 * 2.0 ** min(self._failures - 1, 20))
+            return float(base * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not crypto
+        self._failures = 0
+        return daemon.poll_interval + random.uniform(0, daemon.poll_jitter)  # noqa: S311
+
+    async def poll_loop(self) -> None:
+        """Check at start, then every interval (with jitter); READY=1 after the first."""
+        while not self.stop.is_set():
+            verdict: Verdict | None = None
+            try:
+                verdict = await self.run_check()
+            except Busy:
+                verdict = None  # an admin's update is running; it reports itself
+            if not self.ready:
+                self.ready = True
+                self.notifier.ready(self.status_line())
+                self.log.info("ready", detail="boot-time check finished")
+            delay = self._delay(verdict)
+            self.next_check = datetime.now(UTC) + timedelta(seconds=delay)
+            self.wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self.wakeup.wait()
+
+    async def watchdog_loop(self, interval: float) -> None:
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    async def reboot_window_loop(self) -> None:
+        while True:
+            await self.reboot.wait_for_window()
+            await asyncio.sleep(60)
+
+
+def _install_signal_handlers(stop: asyncio.Event) -> Callable[[], None]:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    def restore() -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+    return restore
+
+
+async def run_daemon(config: Config) -> int:
+    """The composition root of the long-running daemon. Returns the exit code."""
+    log = get_logger("organixmd.daemon", pid=os.getpid())
+    notifier = Notifier()
+    hub = EventHub()
+    daemon_ref: list[Daemon] = []
+
+    def on_event(kind: str, fields: dict[str, Any]) -> None:
+        if daemon_ref:
+            daemon_ref[0].on_event(kind, fields)
+        else:
+            hub.publish(kind, fields)
+
+    try:
+        engine = await build_engine(config, on_event=on_event)
+    except OrganixmError as exc:
+        log.error("startup_failed", error=str(exc), code=exc.code)
+        return 78 if exc.code == "config-invalid" else 1
+    port = engine.boot
+    assert isinstance(port, GrubBootPort)  # noqa: S101 - build_engine wires GRUB boot control
+    manager = BootManager(config, engine, port)
+    reboot = Reboot(config)
+    daemon = Daemon(config, engine, manager, reboot, hub, notifier)
+    daemon_ref.append(daemon)
+    restore_signals = _install_signal_handlers(daemon.stop)
+    server = ControlServer(config, daemon)
+    try:
+        await manager.reconcile()
+        await server.start()
+        log.info("started", socket=str(config.daemon.socket), booted=manager.booted)
+        async with asyncio.TaskGroup() as group:
+            tasks = [
+                group.create_task(daemon.poll_loop()),
+                group.create_task(manager.watch_deadline(reboot)),
+                group.create_task(daemon.reboot_window_loop()),
+            ]
+            interval = watchdog_interval()
+            if interval is not None:
+                tasks.append(group.create_task(daemon.watchdog_loop(interval)))
+            await daemon.stop.wait()
+            notifier.stopping()
+            log.info("stopping")
+            background = list(daemon._background)
+            for task in [*tasks, *background]:
+                task.cancel()
+        # An install running in the background saves its checkpoint as it stops.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SHUTDOWN_STAGE_TIMEOUT):
+                await asyncio.gather(*background, return_exceptions=True)
+    finally:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SHUTDOWN_STAGE_TIMEOUT):
+                await server.stop()
+        restore_signals()
+    log.info("stopped")
+    return 0

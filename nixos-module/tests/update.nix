@@ -59,6 +59,7 @@ let
       # and the organixm layout instead of the test VM's.
       virtualisation.directBoot.enable = false;
       virtualisation.mountHostNixStore = false;
+      virtualisation.writableStore = false;
       virtualisation.useDefaultFilesystems = false;
       virtualisation.fileSystems = lib.mkForce config.services.organixm.readOnlyRoot.fileSystems;
       virtualisation.memorySize = 1536;

@@ -7,6 +7,7 @@
   config,
   lib,
   pkgs,
+  utils,
   ...
 }:
 
@@ -24,7 +25,7 @@ let
   # The daemon rewrites the GRUB environment block in this directory.
   grubDir = dirOf cfg.settings.boot.grubenv;
 
-  unitName = lib.types.strMatching "[-a-zA-Z0-9:_.@\\\\]+\\.(service|socket|target|mount|path|timer|device|swap)";
+  unitName = utils.systemdUtils.lib.unitNameType;
 
   # One TOML table of the configuration file: typed keys for what the
   # module itself relies on or what most hosts set, anything else the

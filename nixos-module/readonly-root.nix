@@ -292,6 +292,10 @@ in
       # slot the machine is running from.
       blockdev --setro /dev/root
 
+      # Stage 1 creates the overlay's upper directory with mode 0700, and the
+      # root of an overlay takes its mode from there: /etc must be 0755.
+      chmod 0755 "$targetRoot/etc"
+
       # /home and /root point into /var.
       mkdir -p "$targetRoot/var/home" "$targetRoot/var/lib/organixm" "$targetRoot/nix/var/nix/gcroots"
       mkdir -p -m 0700 "$targetRoot/var/roothome"

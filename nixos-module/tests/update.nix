@@ -50,6 +50,8 @@ let
       };
 
       environment.etc."organixm-test-serial".text = toString serial;
+      # Booted by GRUB, not by QEMU with the test's own -append line.
+      boot.kernelParams = [ "console=ttyS0" ];
       environment.systemPackages = [ pkgs.grub2 ];
 
       # The releases are three nodes of this test, but one machine.

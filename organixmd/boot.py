@@ -220,6 +220,17 @@ def marked_bad(state: BootState, slot: Slot) -> BootState:
     return replace(state.with_slot(slot, SlotBoot("bad")), order=(other_slot(slot), slot))
 
 
+def trial_failed(state: BootState, booted: Slot) -> BootState:
+    """The boot assessment failed on ``booted``: bad if it was on trial, else unchanged.
+
+    A committed slot is not demoted by a failure on a later boot (that is an
+    operator's decision: :func:`marked_bad`). Idempotent.
+    """
+    if state.slot(booted).state != "trial":
+        return state
+    return marked_bad(state, booted)
+
+
 def rolled_back(state: BootState, booted: Slot) -> BootState:
     """The other slot first again; it must be good (a committed earlier system)."""
     target = other_slot(booted)
@@ -369,6 +380,14 @@ class BootControl:
         """``slot`` bad and last in order."""
         variables, state = self._read_any()
         return self._write(variables, marked_bad(state, slot))
+
+    def fail_trial(self, booted: Slot) -> BootState:
+        """Boot assessment failed: ``booted`` bad if it is on trial; no write otherwise."""
+        variables, state = self._read_any()
+        new = trial_failed(state, booted)
+        if new == state:
+            return state
+        return self._write(variables, new)
 
     def rollback(self) -> BootState:
         """Put the other (good) slot first; the running one stays good as a fallback."""

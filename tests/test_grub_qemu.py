@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -235,22 +237,19 @@ SLOT_STATES = [
 
 def _env_offset(disk: BootDisk, tmp_path: Path) -> int:
     """Byte offset of the primary grubenv's data block inside the disk image."""
-    with mounted(disk, disk.layout.boot) as root:
-        path = root / "grub" / "grubenv"
-        grubenv.write(path, grubenv.read(path))
-    import subprocess
-
     image = tmp_path / "boot-part.img"
     with open(disk.path, "rb") as source, open(image, "wb") as target:
         source.seek(disk.layout.boot.start)
         target.write(source.read(disk.layout.boot.size))
-    output = subprocess.run(
-        ["debugfs", "-R", "bmap /grub/grubenv 0", str(image)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return disk.layout.boot.start + int(output.split()[0]) * 4096
+
+    def debugfs(request: str) -> str:
+        return subprocess.run(
+            ["debugfs", "-R", request, str(image)], capture_output=True, text=True, check=True
+        ).stdout
+
+    block = int(debugfs("bmap /grub/grubenv 0").split()[0])
+    block_size = int(re.search(r"Block size:\s+(\d+)", debugfs("stats")).group(1))  # type: ignore[union-attr]
+    return disk.layout.boot.start + block * block_size
 
 
 def test_grub_emu_matches_predicted_decision_for_every_state(

@@ -22,6 +22,9 @@ let
   credentialName = "s3";
   credentialPath = "/run/credentials/organixm-update.service/${credentialName}";
 
+  # Exists (on tmpfs) once this boot has been committed.
+  committedFlag = "/run/organixm-boot-committed";
+
   # The daemon rewrites the GRUB environment block in this directory.
   grubDir = dirOf cfg.settings.boot.grubenv;
 
@@ -94,8 +97,10 @@ in
         Units that must start successfully for a boot to count as good.
         They are required by `boot-complete.target`; once it is reached,
         `organixm-mark-good.service` commits the booted slot. If one of
-        them fails, `organixm-mark-bad.service` marks the slot bad so that
-        the next boot falls back to the previous release. With an empty
+        them fails during a trial boot, before the commit,
+        `organixm-mark-bad.service` marks the slot bad so that the next boot
+        falls back to the previous release; on other boots a failure is left
+        to the unit's own restart policy. With an empty
         list, reaching `boot-complete.target` (after `sysinit.target`) is
         enough.
       '';
@@ -455,6 +460,8 @@ in
         Type = "oneshot";
         RemainAfterExit = true;
         ExecStart = "${cfg.package}/bin/organixctl mark-good";
+        # This boot is committed: organixm-mark-bad no longer acts on it.
+        ExecStartPost = "${pkgs.coreutils}/bin/touch ${committedFlag}";
       };
     };
 
@@ -462,6 +469,14 @@ in
       description = "Mark the booted organixm slot bad after a failed boot";
       wants = [ "organixm-update.service" ];
       after = [ "organixm-update.service" ];
+      # Only a trial boot is judged (GRUB passes organixm.reason=trial), and
+      # only until it is committed: a success unit that fails later, or on a
+      # boot of an already committed slot, must not throw away a good release.
+      # (`organixctl mark-bad` itself marks whatever slot is running.)
+      unitConfig = {
+        ConditionKernelCommandLine = "organixm.reason=trial";
+        ConditionPathExists = "!${committedFlag}";
+      };
       serviceConfig = {
         Type = "oneshot";
         ExecStart = "${cfg.package}/bin/organixctl mark-bad";

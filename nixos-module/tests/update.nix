@@ -79,17 +79,20 @@ in
       broken = true;
     };
 
-    server = {
-      services.nginx = {
-        enable = true;
-        virtualHosts.server = {
-          default = true;
-          root = "/srv/releases";
+    server =
+      { pkgs, ... }:
+      {
+        environment.systemPackages = [ pkgs.curl ];
+        services.nginx = {
+          enable = true;
+          virtualHosts.server = {
+            default = true;
+            root = "/srv/releases";
+          };
         };
+        networking.firewall.allowedTCPPorts = [ 80 ];
+        systemd.tmpfiles.rules = [ "d /srv/releases 0755 root root -" ];
       };
-      networking.firewall.allowedTCPPorts = [ 80 ];
-      systemd.tmpfiles.rules = [ "d /srv/releases 0755 root root -" ];
-    };
   };
 
   testScript =
@@ -118,17 +121,6 @@ in
       import os
       import subprocess
       import tempfile
-
-      disk = tempfile.NamedTemporaryFile(suffix=".qcow2")
-      subprocess.run(
-          [
-              "${hostPkgs.qemu_kvm}/bin/qemu-img", "create", "-f", "qcow2",
-              "-F", "qcow2", "-b", "${disk}/disk-image.qcow2", disk.name,
-          ],
-          check=True,
-      )
-      # The VM script boots the disk named here.
-      os.environ["NIX_DISK_IMAGE"] = disk.name
 
 
       def booted_slot():
@@ -164,9 +156,23 @@ in
           machine.wait_for_unit("multi-user.target")
 
 
+      # The server starts first: NIX_DISK_IMAGE, set below for the host, would
+      # also name the disk of any VM started after it.
       server.start()
       server.wait_for_unit("nginx.service")
       offer("release 1", "${release "machine"}")
+
+      host_disk = tempfile.NamedTemporaryFile(suffix=".qcow2")
+      subprocess.run(
+          [
+              "${hostPkgs.qemu_kvm}/bin/qemu-img", "create", "-f", "qcow2",
+              "-F", "qcow2", "-b", "${disk}/disk-image.qcow2", host_disk.name,
+          ],
+          check=True,
+      )
+      # The host's VM script boots the disk named here (a copy-on-write layer
+      # over the provisioned disk), at every start.
+      os.environ["NIX_DISK_IMAGE"] = host_disk.name
 
       machine.start()
       machine.wait_for_unit("organixm-mark-good.service")

@@ -346,6 +346,37 @@ def populate_boot_tree(tree: Path, layout: DiskLayout, boot_uuid: str, good_slot
     boot_control(tree).initialize(good_slot)
 
 
+def write_boot_partition(
+    target: Path, layout: DiskLayout, boot_uuid: str, good_slot: Slot, *, sparse: bool = False
+) -> None:
+    """Make the boot partition's ext4 file system (grub.cfg, both environments) on ``target``."""
+    with tempfile.TemporaryDirectory() as scratch:
+        tree = Path(scratch) / "boot"
+        populate_boot_tree(tree, layout, boot_uuid, good_slot)
+        image = make_ext4(
+            Path(scratch) / "boot.img",
+            layout.boot.size,
+            tree,
+            uuid=boot_uuid,
+            label="organixm-boot",
+        )
+        write_at(target, layout.boot.start, image, layout.boot.size, sparse=sparse)
+
+
+def prepare_disk(
+    target: Path, layout: DiskLayout, boot_uuid: str, good_slot: Slot, *, sparse: bool = False
+) -> None:
+    """Partition ``target`` and install GRUB (BIOS and UEFI) and the boot partition.
+
+    The slots are left as they are: the caller writes the release image into
+    ``good_slot`` (and nothing into the other, which the environment marks bad).
+    ``sparse=True`` only for a fresh image file (zero chunks are skipped).
+    """
+    write_partition_table(target, layout)
+    install_boot_loaders(target, layout, boot_uuid, sparse=sparse)
+    write_boot_partition(target, layout, boot_uuid, good_slot, sparse=sparse)
+
+
 def boot_control(boot_root: Path, *, booted: Slot | None = None) -> BootControl:
     """The :class:`BootControl` of a boot partition mounted (or staged) at ``boot_root``."""
     return BootControl(

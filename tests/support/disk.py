@@ -45,19 +45,7 @@ def build_boot_disk(
     layout = disklayout.plan_layout(slot_size=slot_size, esp_size=8 * MIB, boot_size=8 * MIB)
     with open(path, "wb") as handle:
         handle.truncate(layout.disk_size)
-    disklayout.write_partition_table(path, layout)
-    disklayout.install_boot_loaders(path, layout, BOOT_UUID, sparse=True)
-    with tempfile.TemporaryDirectory() as scratch:
-        tree = Path(scratch) / "boot"
-        disklayout.populate_boot_tree(tree, layout, BOOT_UUID, good_slot)
-        image = disklayout.make_ext4(
-            Path(scratch) / "boot.img",
-            layout.boot.size,
-            tree,
-            uuid=BOOT_UUID,
-            label="organixm-boot",
-        )
-        disklayout.write_at(path, layout.boot.start, image, layout.boot.size, sparse=True)
+    disklayout.prepare_disk(path, layout, BOOT_UUID, good_slot, sparse=True)
     for slot_image, part in ((slot_a, layout.slot_a), (slot_b, layout.slot_b)):
         if slot_image is not None:
             disklayout.write_at(path, part.start, slot_image, part.size, sparse=True)

@@ -108,7 +108,7 @@ let
     ) "ln -s ${config.environment.usrbinenv} files/usr/bin/env"}
   ''
   + lib.concatMapStrings (file: ''
-    mkdir -p "files${dirOf file.target}"
+    mkdir -p ${lib.escapeShellArg "files${dirOf file.target}"}
     cp -RT --no-preserve=ownership ${lib.escapeShellArg "${file.source}"} ${lib.escapeShellArg "files${file.target}"}
     chmod ${file.mode} ${lib.escapeShellArg "files${file.target}"}
   '') cfg.image.extraRootFiles;
@@ -121,7 +121,7 @@ let
       };
       target = lib.mkOption {
         type = lib.types.strMatching "/.+";
-        example = "/var/lib/systemd/linger/kiosk";
+        example = "/etc/kiosk/config.json";
         description = ''
           Absolute path on the root file system. Outside /etc and /var this
           is read-only at run time; under /var it is hidden by the rw

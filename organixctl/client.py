@@ -1,0 +1,309 @@
+"""A small HTTP/JSON client for the daemon's control socket (standard library only).
+
+``organixctl status`` must start and answer in well under 80 ms, so this module
+and every daemon command import nothing beyond the standard library: no aiohttp,
+no pydantic, no ``organixmd``. HTTP/1.1 goes over the Unix socket through
+:class:`http.client.HTTPConnection` with ``connect`` replaced.
+
+Errors become :class:`ClientError` carrying the organixctl exit code; an RFC 9457
+problem from the daemon is printed as ``organixctl: <detail> (<hint>) [code]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from organixctl.exitcodes import Exit
+
+DEFAULT_SOCKET = "/run/organixm/control.sock"
+SOCKET_ENV = "ORGANIXM_SOCKET"
+#: Reads answer at once; a check without install waits for the release source.
+DEFAULT_TIMEOUT = 120.0
+UNREACHABLE_HINT = (
+    "is organixm-update.service running? is the socket path right? (--socket or ORGANIXM_SOCKET)"
+)
+
+
+class ClientError(Exception):
+    """A request that did not produce a usable answer; ``exit_code`` is organixctl's."""
+
+    def __init__(self, message: str, exit_code: int = Exit.ERROR) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+class Problem(ClientError):
+    """The daemon answered with an RFC 9457 problem (``application/problem+json``)."""
+
+    def __init__(self, status: int, code: str, detail: str, hint: str = "") -> None:
+        exit_code = Exit.DENIED if status == 403 else Exit.ERROR
+        text = detail + (f" ({hint})" if hint else "") + f" [{code}]"
+        super().__init__(text, exit_code)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.hint = hint
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP/1.1 over a Unix stream socket; the host name only fills the Host header."""
+
+    def __init__(self, path: str, timeout: float | None) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    content_type: str
+    body: bytes
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body)
+        except ValueError as exc:
+            raise ClientError(f"the daemon answered with invalid JSON: {exc}") from exc
+
+
+def socket_path(args: argparse.Namespace) -> str:
+    """``--socket``, else ``$ORGANIXM_SOCKET``, else the default path."""
+    given: str | None = getattr(args, "socket", None)
+    return given or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+
+
+class Client:
+    """One request per connection; not thread-safe (a CLI needs neither)."""
+
+    def __init__(self, path: str, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+        self.path = path
+        self.timeout = timeout
+
+    def _open(
+        self, method: str, target: str, body: dict[str, Any] | None, timeout: float | None
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        connection = _UnixConnection(self.path, timeout)
+        payload = None if body is None else json.dumps(body).encode()
+        headers = {"Accept": "application/json"}
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            connection.request(method, target, body=payload, headers=headers)
+            response = connection.getresponse()
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            connection.close()
+            raise ClientError(
+                f"cannot connect to {self.path}: {exc.strerror} ({UNREACHABLE_HINT})",
+                Exit.UNREACHABLE,
+            ) from exc
+        except PermissionError as exc:
+            connection.close()
+            raise ClientError(
+                f"cannot connect to {self.path}: {exc.strerror} (the socket is open to root "
+                "and its group only; run as root or as a member of that group)",
+                Exit.DENIED,
+            ) from exc
+        except TimeoutError as exc:
+            connection.close()
+            raise ClientError(
+                f"no answer from {self.path} within {timeout:.0f}s (the daemon may be stuck; "
+                "see journalctl -u organixm-update)",
+                Exit.UNREACHABLE,
+            ) from exc
+        except (OSError, http.client.HTTPException) as exc:
+            connection.close()
+            raise ClientError(
+                f"talking to {self.path} failed: {exc} ({UNREACHABLE_HINT})", Exit.UNREACHABLE
+            ) from exc
+        return connection, response
+
+    def request(self, method: str, target: str, body: dict[str, Any] | None = None) -> Answer:
+        """Send one request and read the whole answer; a problem raises :class:`Problem`."""
+        connection, response = self._open(method, target, body, self.timeout)
+        try:
+            data = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise ClientError(f"reading the answer from {self.path} failed: {exc}") from exc
+        finally:
+            connection.close()
+        answer = Answer(response.status, response.getheader("Content-Type", ""), data)
+        if answer.status >= 400:
+            raise _problem(answer)
+        return answer
+
+    def get(self, target: str) -> Answer:
+        return self.request("GET", target)
+
+    def post(self, target: str, body: dict[str, Any] | None = None) -> Answer:
+        return self.request("POST", target, body if body is not None else {})
+
+    def events(self) -> Iterator[tuple[bytes, dict[str, Any]]]:
+        """Follow ``GET /v1/events``: (raw line, parsed event) until the daemon closes it."""
+        connection, response = self._open("GET", "/v1/events", None, None)
+        try:
+            if response.status >= 400:
+                raise _problem(Answer(response.status, "", response.read()))
+            while True:
+                try:
+                    line = response.readline()
+                except (OSError, http.client.HTTPException) as exc:
+                    raise ClientError(
+                        f"the event stream from {self.path} broke: {exc}", Exit.UNREACHABLE
+                    ) from exc
+                if not line:
+                    return
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    event = json.loads(line)
+                except ValueError as exc:
+                    raise ClientError(f"the daemon sent an invalid event line: {exc}") from exc
+                yield line, event
+        finally:
+            connection.close()
+
+
+def _problem(answer: Answer) -> ClientError:
+    try:
+        data = json.loads(answer.body)
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and "code" in data:
+        return Problem(
+            answer.status,
+            str(data.get("code")),
+            str(data.get("detail", "")),
+            str(data.get("hint", "") or ""),
+        )
+    text = answer.body.decode(errors="replace").strip()[:200]
+    return ClientError(f"the daemon answered HTTP {answer.status}: {text}")
+
+
+# ---------------------------------------------------------------------------- command plumbing
+
+
+def add_socket_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        help=f"the daemon's control socket (default ${SOCKET_ENV} or {DEFAULT_SOCKET})",
+    )
+
+
+def add_json_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the API's JSON answer unchanged")
+
+
+def run_with_client(
+    args: argparse.Namespace,
+    body: Callable[[Client], int],
+    *,
+    timeout: float | None = DEFAULT_TIMEOUT,
+) -> int:
+    """Run ``body`` with a client for the chosen socket; print errors, return the exit code."""
+    try:
+        return body(Client(socket_path(args), timeout))
+    except ClientError as exc:
+        print(f"organixctl: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+
+
+def print_raw(answer: Answer) -> None:
+    """Write the daemon's answer byte for byte (``--json``)."""
+    sys.stdout.buffer.write(answer.body)
+    if not answer.body.endswith(b"\n"):
+        sys.stdout.buffer.write(b"\n")
+    sys.stdout.flush()
+
+
+def verdict_exit(outcome: str | None) -> int:
+    """The exit code for a verdict: 0 up to date, 1 available or staged, 2 blocked or error."""
+    if outcome in ("available", "installing", "staged"):
+        return Exit.UPDATE_AVAILABLE
+    if outcome in ("blocked", "error"):
+        return Exit.ERROR
+    return Exit.OK
+
+
+# ---------------------------------------------------------------------------- formatting
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024:
+            return f"{int(count)} B" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def format_time(value: Any, now: datetime | None = None) -> str:
+    """``2026-01-01 10:00:00 UTC (5m00s ago)``; ``never`` for no time."""
+    moment = parse_time(value)
+    if moment is None:
+        return "never"
+    now = now or datetime.now(UTC)
+    delta = (moment - now).total_seconds()
+    relative = f"in {format_duration(delta)}" if delta > 0 else f"{format_duration(-delta)} ago"
+    return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC ({relative})"
+
+
+def describe_release(release: Any) -> str:
+    if not isinstance(release, dict):
+        return "-"
+    return f"{release.get('version', '?')} (serial {release.get('serial', '?')})"
+
+
+def describe_progress(progress: dict[str, Any], phase: str = "") -> str:
+    done = int(progress.get("bytes_done") or 0)
+    total = int(progress.get("bytes_total") or 0)
+    rate = float(progress.get("rate") or 0)
+    percent = f" ({100 * done / total:.0f}%)" if total else ""
+    text = f"{format_bytes(done)} of {format_bytes(total)}{percent} at {format_bytes(rate)}/s"
+    eta = progress.get("eta")
+    if eta is None and rate > 0 and total > done:
+        eta = (total - done) / rate
+    if eta is not None:
+        text += f", ETA {format_duration(float(eta))}"
+    return f"{phase}: {text}" if phase else text

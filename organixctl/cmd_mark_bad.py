@@ -1,0 +1,47 @@
+"""``organixctl mark-bad``: the booted slot failed; mark it bad and remember its release.
+
+The release is never installed again (until a newer serial or ``update --force``);
+the daemon reboots into the other slot if its reboot policy allows.
+``organixm-mark-bad.service`` runs it when a success unit fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from organixctl.client import (
+    Client,
+    add_json_argument,
+    add_socket_argument,
+    print_raw,
+    run_with_client,
+)
+from organixctl.exitcodes import Exit
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--reason",
+        default="marked bad by an admin",
+        help="why (kept with the failed release, shown by status and history; "
+        "at most 200 characters)",
+    )
+    add_json_argument(parser)
+    add_socket_argument(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    def body(client: Client) -> int:
+        answer = client.post("/v1/mark-bad", {"reason": args.reason})
+        if args.json:
+            print_raw(answer)
+        else:
+            data = answer.json()
+            then = "rebooting now" if data.get("rebooting") else "reboot to leave it"
+            print(
+                f"slot {data.get('marked_bad')} is marked bad; next boot: slot "
+                f"{data.get('next_slot')} ({then})"
+            )
+        return Exit.OK
+
+    return run_with_client(args, body)

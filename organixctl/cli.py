@@ -27,6 +27,20 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("keygen", "organixctl.cmd_keygen", "write a minisign-compatible Ed25519 key pair"),
     ("publish", "organixctl.cmd_publish", "compress, sign and upload a release"),
     ("verify", "organixctl.cmd_verify", "check a published release's signature and every hash"),
+    (
+        "status",
+        "organixctl.cmd_status",
+        "show the booted slot and why, the slots, phase and verdict",
+    ),
+    ("check", "organixctl.cmd_check", "check for a newer release now (installs nothing)"),
+    ("update", "organixctl.cmd_update", "check and install a newer release now"),
+    ("cancel", "organixctl.cmd_cancel", "cancel the running check or install"),
+    ("mark-good", "organixctl.cmd_mark_good", "commit the booted slot after a good boot"),
+    ("mark-bad", "organixctl.cmd_mark_bad", "mark the booted slot bad and remember its release"),
+    ("rollback", "organixctl.cmd_rollback", "boot the other committed slot at the next reboot"),
+    ("history", "organixctl.cmd_history", "show past installs, flips, commits and fallbacks"),
+    ("watch", "organixctl.cmd_watch", "follow the daemon's events until interrupted"),
+    ("completion", "organixctl.cmd_completion", "print a bash or zsh completion script"),
 ]
 
 

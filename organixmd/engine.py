@@ -27,6 +27,9 @@ from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
+from uuid import uuid4
+
+import structlog
 
 from organixmd import minisign
 from organixmd.blockio import hash_device
@@ -250,6 +253,11 @@ class Engine:
         """Run one check (and install, if allowed). Raises Busy if one is running."""
         if self._lock.locked():
             raise Busy("a check or install is already running")
+        # Every log line of this check carries its id (structlog contextvars).
+        with structlog.contextvars.bound_contextvars(check_id=uuid4().hex[:12]):
+            return await self._check_locked(install=install, force=force)
+
+    async def _check_locked(self, *, install: bool, force: bool) -> Verdict:
         async with self._lock:
             self._cancel_requested = False
             self._task = asyncio.current_task()

@@ -477,10 +477,13 @@ in
         ConditionKernelCommandLine = "organixm.reason=trial";
         ConditionPathExists = "!${committedFlag}";
       };
-      serviceConfig = {
-        Type = "oneshot";
-        ExecStart = "${cfg.package}/bin/organixctl mark-bad";
-      };
+      path = [ cfg.package ];
+      serviceConfig.Type = "oneshot";
+      # systemd names the failed unit in MONITOR_UNIT; the reason is kept with
+      # the failed release and shown by `organixctl status` and `history`.
+      script = ''
+        organixctl mark-bad --reason "boot success unit ''${MONITOR_UNIT:-unknown} failed during the trial boot"
+      '';
     };
   };
 }

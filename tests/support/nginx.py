@@ -26,6 +26,10 @@ LOG_FORMAT = (
 )
 
 
+#: The readiness probe's path; left out of :meth:`Nginx.requests`.
+PROBE = "/.organixm-readiness-probe"
+
+
 @dataclass(frozen=True, slots=True)
 class AccessLogEntry:
     method: str
@@ -59,7 +63,7 @@ events {{ worker_connections 64; }}
 http {{
     types {{ application/octet-stream img zst; application/json meta; }}
     default_type application/octet-stream;
-    log_format organixm_test '{LOG_FORMAT}';
+    log_format organixm_test escape=none '{LOG_FORMAT}';
     access_log {work}/access.log organixm_test;
     client_body_temp_path {work}/tmp/body;
     proxy_temp_path {work}/tmp/proxy;
@@ -102,6 +106,8 @@ class Nginx:
         entries = []
         for line in self.access_log.read_text().splitlines():
             method, path, status, sent, rng, inm = (line.split("\t") + [""] * 6)[:6]
+            if path == PROBE:
+                continue
             entries.append(
                 AccessLogEntry(
                     method=method,
@@ -125,8 +131,14 @@ class Nginx:
                 self.process.wait()
 
 
-def start_nginx(root: Path, work: Path, *, limit_rate: str | None = None) -> Nginx:
-    """Serve ``root`` on a free loopback port; ``limit_rate`` as nginx spells it (``4m``).
+def start_nginx(
+    root: Path, work: Path, *, limit_rate: str | None = None, port: int | None = None
+) -> Nginx:
+    """Serve ``root`` on ``port`` (default: a free loopback port).
+
+    ``limit_rate`` is per connection, as nginx spells it (``4m``, ``500k``). Starting
+    again with the same ``work`` and ``port`` after :meth:`Nginx.stop` brings the
+    same server back (the access log is kept and appended to).
 
     Raises RuntimeError (with nginx's error log) when nginx is missing or does not start.
     """
@@ -135,7 +147,7 @@ def start_nginx(root: Path, work: Path, *, limit_rate: str | None = None) -> Ngi
         raise RuntimeError("nginx is not installed; run 'make deps' (Debian package nginx-light)")
     work.mkdir(parents=True, exist_ok=True)
     (work / "tmp").mkdir(exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     (work / "nginx.conf").write_text(_config(root.resolve(), port, work, limit_rate))
     process = subprocess.Popen(
         [binary, "-p", str(work), "-c", str(work / "nginx.conf"), "-g", "daemon off;"],
@@ -149,7 +161,7 @@ def start_nginx(root: Path, work: Path, *, limit_rate: str | None = None) -> Ngi
             errors = (work / "stderr.log").read_text(errors="replace")
             raise RuntimeError(f"nginx exited with {process.returncode}: {errors}")
         try:
-            urllib.request.urlopen(f"{server.url}/", timeout=1).read()
+            urllib.request.urlopen(f"{server.url}{PROBE}", timeout=1).read()
             break
         except urllib.error.HTTPError:
             break  # any HTTP answer (403/404 for the index) means it listens
@@ -158,6 +170,4 @@ def start_nginx(root: Path, work: Path, *, limit_rate: str | None = None) -> Ngi
     else:
         server.stop()
         raise RuntimeError(f"nginx did not answer on {server.url} within 15 s")
-    # The readiness probe is not part of any test's traffic.
-    server.access_log.write_text("")
     return server

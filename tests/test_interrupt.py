@@ -1,0 +1,185 @@
+"""Interrupted installs resume: a killed client, ``kill -9`` at random points, a server gone.
+
+Every case uses a real ``organixmd --once`` process and a real nginx whose
+``limit_rate`` makes the download take a few seconds, so the interruption lands
+mid-stream. The server's access log shows what the next run asked for: a Range
+request starting at the first unverified chunk, not at byte zero.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.images import make_ext4_image
+from tests.support.nginx import AccessLogEntry, Nginx, start_nginx
+from tests.support.releases import BuiltRelease, build_release
+from tests.test_sources import CliHost
+
+MiB = 1024 * 1024
+#: Seconds a whole download takes under the rate limit.
+DOWNLOAD_SECONDS = 3.0
+#: Checkpoint after every chunk, so a kill loses at most the chunks in flight.
+EVERY_CHUNK = "[install]\ncheckpoint_interval = 0.0"
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory: pytest.TempPathFactory) -> BuiltRelease:
+    """A real 32 MiB ext4 image published in 512 KiB chunks (64 chunks)."""
+    root = tmp_path_factory.mktemp("interrupt")
+    image = make_ext4_image(root / "root.img", 32 * MiB, payload_bytes=20 * MiB, seed=21)
+    return build_release(image, root / "pub" / "fleet", serial=3, chunk_size=512 * 1024)
+
+
+def rate_for(release: BuiltRelease) -> str:
+    """An nginx limit_rate that makes the image download last about DOWNLOAD_SECONDS."""
+    return f"{int(release.meta.image.compressed_size / DOWNLOAD_SECONDS / 1024)}k"
+
+
+@pytest.fixture
+def slow_nginx(release: BuiltRelease, tmp_path: Path) -> Iterator[Nginx]:
+    server = start_nginx(release.directory.parent, tmp_path / "nginx", limit_rate=rate_for(release))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def read_progress(host: CliHost) -> dict[str, Any] | None:
+    """The install checkpoint in the state file, if the file and a checkpoint exist."""
+    try:
+        state = json.loads(host.state_text())
+    except (OSError, ValueError):
+        return None
+    progress: dict[str, Any] | None = state.get("progress")
+    return progress
+
+
+def wait_for_chunks(
+    host: CliHost, process: subprocess.Popen[str], chunks: int, timeout: float = 30
+) -> int:
+    """Poll the state file until it records at least ``chunks`` verified chunks."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        progress = read_progress(host)
+        if progress is not None and progress["chunks_done"] >= chunks:
+            done: int = progress["chunks_done"]
+            return done
+        if process.poll() is not None:
+            out, err = process.communicate()
+            raise AssertionError(f"organixmd ended before chunk {chunks}: {out}{err}")
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint of {chunks} chunks within {timeout} s")
+
+
+def image_requests(server: Nginx, release: BuiltRelease) -> list[AccessLogEntry]:
+    path = f"/fleet/{release.meta.image.object}"
+    return [entry for entry in server.requests() if entry.path == path]
+
+
+def kill9(process: subprocess.Popen[str]) -> None:
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=10)
+    assert process.returncode == -signal.SIGKILL
+
+
+@pytest.mark.slow
+def test_client_killed_at_half_resumes_with_range(
+    tmp_path: Path, slow_nginx: Nginx, release: BuiltRelease
+) -> None:
+    """Killed at ~50 %, the next run asks for the rest with a Range request and verifies."""
+    chunks = release.meta.image.chunks
+    host = CliHost(tmp_path / "host")
+    host.write_config(f"{slow_nginx.url}/fleet/host", extra=EVERY_CHUNK)
+    process = host.start_once()
+    wait_for_chunks(host, process, len(chunks) // 2)
+    kill9(process)
+    saved = read_progress(host)
+    assert saved is not None
+    done = saved["chunks_done"]
+    assert len(chunks) // 2 <= done < len(chunks)
+    assert host.boot_state().next_slot == "a"
+
+    finished = host.run_once()
+    host.assert_staged(finished, release.image_path)
+    first, second = image_requests(slow_nginx, release)
+    assert first.range_start is None
+    assert first.body_bytes < release.meta.image.compressed_size
+    assert second.status == 206
+    assert second.range_start == chunks[done].offset > 0
+    assert second.body_bytes < release.meta.image.compressed_size - first.body_bytes // 2
+    installed = [e for e in host.state()["history"] if e["event"] == "installed"]
+    assert installed[-1]["detail"].endswith(f"resumed at chunk {done}")
+
+
+@pytest.mark.slow
+def test_kill9_at_random_points_then_completes(
+    tmp_path: Path, slow_nginx: Nginx, release: BuiltRelease
+) -> None:
+    """kill -9 at seeded random moments, three times; the last run resumes and verifies."""
+    rng = random.Random(20261126)
+    host = CliHost(tmp_path / "host")
+    host.write_config(f"{slow_nginx.url}/fleet/host", extra=EVERY_CHUNK)
+    checkpoints: list[int] = []
+    for _ in range(3):
+        process = host.start_once()
+        # Start-up (interpreter, imports, meta) takes most of a second; the download
+        # of what is left takes up to DOWNLOAD_SECONDS.
+        time.sleep(rng.uniform(0.3, 1.0 + DOWNLOAD_SECONDS / 3))
+        assert process.poll() is None, "organixmd finished before it could be killed"
+        kill9(process)
+        progress = read_progress(host)
+        checkpoints.append(progress["chunks_done"] if progress else 0)
+    # Progress only grows: every run resumed where the previous one stopped.
+    assert checkpoints == sorted(checkpoints)
+    assert checkpoints[-1] > 0
+    finished = host.run_once()
+    host.assert_staged(finished, release.image_path)
+    starts = [entry.range_start for entry in image_requests(slow_nginx, release)]
+    assert starts[0] is None
+    chunks = release.meta.image.chunks
+    assert starts[-1] == chunks[checkpoints[-1]].offset
+    installed = [e for e in host.state()["history"] if e["event"] == "installed"]
+    assert installed[-1]["detail"].endswith(f"resumed at chunk {checkpoints[-1]}")
+
+
+@pytest.mark.slow
+def test_server_gone_mid_stream_then_resume(tmp_path: Path, release: BuiltRelease) -> None:
+    """nginx stopped mid-download: the check ends source-unreachable; the next run resumes."""
+    work = tmp_path / "nginx"
+    server = start_nginx(release.directory.parent, work, limit_rate=rate_for(release))
+    try:
+        host = CliHost(tmp_path / "host")
+        host.write_config(f"{server.url}/fleet/host", extra=EVERY_CHUNK)
+        process = host.start_once()
+        wait_for_chunks(host, process, len(release.meta.image.chunks) // 3)
+        server.stop()
+        out, err = process.communicate(timeout=30)
+        assert process.returncode == 12, out + err
+        assert out.startswith("error: "), out
+        state = host.state()
+        assert state["last_verdict"]["outcome"] == "error"
+        assert state["last_verdict"]["code"] == "source-unreachable"
+        assert state["slots"] == {}
+        done = state["progress"]["chunks_done"]
+        assert done > 0
+        assert host.boot_state().next_slot == "a"
+
+        server = start_nginx(
+            release.directory.parent, work, limit_rate=rate_for(release), port=server.port
+        )
+        finished = host.run_once()
+        host.assert_staged(finished, release.image_path)
+        last = image_requests(server, release)[-1]
+        assert last.status == 206
+        assert last.range_start == release.meta.image.chunks[done].offset
+    finally:
+        server.stop()

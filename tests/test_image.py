@@ -7,6 +7,7 @@ import io
 import random
 import struct
 import subprocess
+import threading
 from pathlib import Path
 from uuid import UUID
 
@@ -14,7 +15,7 @@ import pytest
 import pyzstd
 import zstandard
 
-from organixmd.errors import ConfigError, ImageError
+from organixmd.errors import Cancelled, ConfigError, ImageError
 from organixmd.image import (
     SEEKABLE_MAGIC,
     WrittenImage,
@@ -176,3 +177,26 @@ def test_block_device_input(tmp_path: Path) -> None:
         subprocess.run(["losetup", "-d", device], check=True)
     assert result.size == len(data)
     assert result.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_cancel_stops_compression(tmp_path: Path) -> None:
+    """A set cancel event stops the writer with Cancelled before it reads the image."""
+    raw = tmp_path / "image.raw"
+    raw.write_bytes(_mixed_bytes(4 * CHUNK))
+    stop = threading.Event()
+    stop.set()
+    out = io.BytesIO()
+    with pytest.raises(Cancelled):
+        write_image(raw, out, chunk_size=CHUNK, cancel=stop)
+    assert out.getvalue() == b""
+
+
+def test_progress_reports_every_chunk_up_to_the_size(tmp_path: Path) -> None:
+    """The progress callback sees growing byte counts ending at the image size."""
+    data = _mixed_bytes(3 * CHUNK + 10)
+    raw = tmp_path / "image.raw"
+    raw.write_bytes(data)
+    seen: list[tuple[int, int]] = []
+    write_image(raw, io.BytesIO(), chunk_size=CHUNK, progress=lambda d, t: seen.append((d, t)))
+    assert [d for d, _ in seen] == [CHUNK, 2 * CHUNK, 3 * CHUNK, len(data)]
+    assert {t for _, t in seen} == {len(data)}

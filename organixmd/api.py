@@ -377,7 +377,7 @@ class ControlServer:
         reason = body.get("reason", "marked bad by an admin")
         if not isinstance(reason, str) or len(reason) > 200:
             raise _BadRequest("'reason' must be a string of at most 200 characters")
-        state = await self.daemon.manager.mark_bad(reason)
+        state = await self.daemon.manager.mark_bad(reason, force=self._flag(body, "force"))
         rebooting = await self.daemon.reboot.request(f"slot marked bad: {reason}")
         return json_response(
             {

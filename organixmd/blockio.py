@@ -75,8 +75,10 @@ class SlotWriter:
     caller's buffer must have room for the padding (buffers are page-rounded).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, base: int = 0) -> None:
         self.path = path
+        #: Byte offset of the slot inside ``path`` (a partition inside a whole-disk image).
+        self.base = base
         self.fd, self.direct = _open(path, os.O_WRONLY)
         self.sector = sector_size(self.fd)
 
@@ -88,7 +90,7 @@ class SlotWriter:
         try:
             done = 0
             while done < padded:
-                done += os.pwrite(self.fd, view[done:], offset + done)
+                done += os.pwrite(self.fd, view[done:], self.base + offset + done)
         finally:
             view.release()
 
@@ -120,8 +122,10 @@ class DiscardWriter(SlotWriter):
         return None
 
 
-def hash_device(path: Path, length: int, hasher: hashlib._Hash | None = None) -> hashlib._Hash:
-    """SHA-256 of the first ``length`` bytes as they are on the device, not in the page cache.
+def hash_device(
+    path: Path, length: int, hasher: hashlib._Hash | None = None, base: int = 0
+) -> hashlib._Hash:
+    """SHA-256 of ``length`` bytes at ``base`` as they are on the device, not in the page cache.
 
     Uses O_DIRECT; where the filesystem lacks it, fsyncs and drops the file's page
     cache first (POSIX_FADV_DONTNEED) so the bytes come from the disk. Blocking.
@@ -136,7 +140,7 @@ def hash_device(path: Path, length: int, hasher: hashlib._Hash | None = None) ->
         position = 0
         while position < length:
             want = min(READ_BLOCK, round_up(length - position, 4096))
-            got = os.preadv(fd, [view[:want]], position)
+            got = os.preadv(fd, [view[:want]], base + position)
             if got <= 0:
                 raise OSError(errno.EIO, f"short read at byte {position} of {path}")
             useful = min(got, length - position)

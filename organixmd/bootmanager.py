@@ -25,7 +25,7 @@ from organixmd.boot import BootState
 from organixmd.bootport import GrubBootPort
 from organixmd.config import Config
 from organixmd.engine import Engine
-from organixmd.errors import BootError, OrganixmError, SlotError
+from organixmd.errors import BootError, OrganixmError, PolicyError, SlotError
 from organixmd.logsetup import get_logger
 from organixmd.slots import SlotName, other
 from organixmd.state import SlotRecord, utcnow
@@ -166,10 +166,24 @@ class BootManager:
             self.report = explain(state, booted)
             return state
 
-    async def mark_bad(self, reason: str = "marked bad by an admin") -> BootState:
-        """The booted slot failed: mark it bad, remember its release, reboot by policy."""
+    async def mark_bad(
+        self, reason: str = "marked bad by an admin", *, force: bool = False
+    ) -> BootState:
+        """The booted trial slot failed: mark it bad and remember its release.
+
+        Only a slot on trial is failed this way (a unit failing on a committed
+        system must not demote the known-good slot); ``force`` demotes a committed
+        slot too, for an admin who knows it is broken. The caller reboots by policy.
+        """
         booted = self._require_booted()
         async with self._lock:
+            current = await self.read()
+            if current is not None and current.slot(booted).state != "trial" and not force:
+                raise PolicyError(
+                    f"slot {booted} is {current.slot(booted).state}, not on trial; "
+                    "refusing to mark the running committed system bad",
+                    hint="pass force (organixctl mark-bad --force) to demote it anyway",
+                )
             state = await asyncio.to_thread(self.port.control.mark_bad, booted)
             failed = await self.engine.record_failed(booted, reason)
             self.log.warning(

@@ -191,6 +191,7 @@ class Installer:
         on_progress: ProgressCallback | None = None,
         on_checkpoint: CheckpointCallback | None = None,
         checkpoint_interval: float = CHECKPOINT_INTERVAL,
+        slot_offset: int = 0,
     ) -> None:
         self.release = release
         self.source = source
@@ -200,6 +201,8 @@ class Installer:
         self.on_progress = on_progress
         self.on_checkpoint = on_checkpoint
         self.checkpoint_interval = checkpoint_interval
+        #: Where the slot starts inside ``slot_path`` (a partition of a whole-disk image).
+        self.slot_offset = slot_offset
         self._failure: BaseException | None = None
         self._chunks_done = 0
         self._bytes_done = 0
@@ -226,7 +229,7 @@ class Installer:
             writer = (
                 DiscardWriter()
                 if self.slot_path is None
-                else await asyncio.to_thread(SlotWriter, self.slot_path)
+                else await asyncio.to_thread(SlotWriter, self.slot_path, self.slot_offset)
             )
         except OSError as exc:
             raise SlotError(
@@ -264,7 +267,9 @@ class Installer:
         if self.slot_path is None:
             raise SlotError("verify_on_device needs a slot; this installer only verifies a stream")
         try:
-            digest = await asyncio.to_thread(hash_device, self.slot_path, self.release.size)
+            digest = await asyncio.to_thread(
+                hash_device, self.slot_path, self.release.size, None, self.slot_offset
+            )
         except OSError as exc:
             raise SlotError(f"reading slot {self.slot_path} back failed: {exc.strerror}") from exc
         if digest.hexdigest() != self.release.sha256:
@@ -285,7 +290,9 @@ class Installer:
         self._bytes_done = prefix
         self._chunks_done = start_chunk
         try:
-            return await asyncio.to_thread(hash_device, self.slot_path, prefix)
+            return await asyncio.to_thread(
+                hash_device, self.slot_path, prefix, None, self.slot_offset
+            )
         except OSError as exc:
             raise SlotError(
                 f"reading slot {self.slot_path} to resume failed: {exc.strerror}"

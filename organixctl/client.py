@@ -1,9 +1,13 @@
 """A small HTTP/JSON client for the daemon's control socket (standard library only).
 
 ``organixctl status`` must start and answer in well under 80 ms, so this module
-and every daemon command import nothing beyond the standard library: no aiohttp,
-no pydantic, no ``organixmd``. HTTP/1.1 goes over the Unix socket through
-:class:`http.client.HTTPConnection` with ``connect`` replaced.
+and every daemon command import nothing beyond a few standard modules: no
+aiohttp, no pydantic, no ``organixmd``, and not even :mod:`http.client` (with
+:mod:`email` and :mod:`ssl` it costs a Python start-up about 25 ms, measured).
+The API needs a tiny subset of HTTP, spoken here over the Unix socket: one
+HTTP/1.0 request per connection, so the daemon answers with ``Content-Length``
+or, for the event stream, with a body that ends when the connection closes
+(never chunked).
 
 Errors become :class:`ClientError` carrying the organixctl exit code; an RFC 9457
 problem from the daemon is printed as ``organixctl: <detail> (<hint>) [code]``.
@@ -12,15 +16,13 @@ problem from the daemon is printed as ``organixctl: <detail> (<hint>) [code]``.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import socket
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, BinaryIO
 
 from organixctl.exitcodes import Exit
 
@@ -31,6 +33,10 @@ DEFAULT_TIMEOUT = 120.0
 UNREACHABLE_HINT = (
     "is organixm-update.service running? is the socket path right? (--socket or ORGANIXM_SOCKET)"
 )
+#: Bounds on what the daemon may send, so a confused peer cannot exhaust memory.
+MAX_HEADER_LINE = 8192
+MAX_HEADERS = 100
+MAX_BODY = 64 * 1024 * 1024
 
 
 class ClientError(Exception):
@@ -55,35 +61,65 @@ class Problem(ClientError):
         self.hint = hint
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    """HTTP/1.1 over a Unix stream socket; the host name only fills the Host header."""
-
-    def __init__(self, path: str, timeout: float | None) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self.socket_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-
-@dataclass(frozen=True, slots=True)
 class Answer:
-    status: int
-    content_type: str
-    body: bytes
+    """A complete response: status, content type and body bytes."""
+
+    __slots__ = ("body", "content_type", "status")
+
+    def __init__(self, status: int, content_type: str, body: bytes) -> None:
+        self.status = status
+        self.content_type = content_type
+        self.body = body
 
     def json(self) -> Any:
         try:
             return json.loads(self.body)
         except ValueError as exc:
             raise ClientError(f"the daemon answered with invalid JSON: {exc}") from exc
+
+
+class _Response:
+    """The status line and headers of an answer; the body is read from ``stream``."""
+
+    __slots__ = ("headers", "status", "stream")
+
+    def __init__(self, status: int, headers: dict[str, str], stream: BinaryIO) -> None:
+        self.status = status
+        self.headers = headers
+        self.stream = stream
+
+    def read_body(self) -> bytes:
+        length = self.headers.get("content-length")
+        if length is None:
+            data = self.stream.read(MAX_BODY + 1)
+            if len(data) > MAX_BODY:
+                raise ClientError(f"the daemon's answer exceeds {MAX_BODY} bytes")
+            return data
+        if not length.isdigit() or int(length) > MAX_BODY:
+            raise ClientError(f"the daemon sent an unusable Content-Length: {length!r}")
+        data = self.stream.read(int(length))
+        if len(data) != int(length):
+            raise ClientError("the daemon closed the connection in the middle of an answer")
+        return data
+
+
+def _read_head(stream: BinaryIO) -> _Response:
+    status_line = stream.readline(MAX_HEADER_LINE)
+    parts = status_line.split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        raise ClientError(f"the daemon sent no HTTP status line (got {status_line[:80]!r})")
+    headers: dict[str, str] = {}
+    for _ in range(MAX_HEADERS):
+        line = stream.readline(MAX_HEADER_LINE)
+        if line in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    else:
+        raise ClientError(f"the daemon sent more than {MAX_HEADERS} header lines")
+    if "chunked" in headers.get("transfer-encoding", ""):
+        raise ClientError("the daemon answered an HTTP/1.0 request with a chunked body")
+    return _Response(int(parts[1]), headers, stream)
 
 
 def socket_path(args: argparse.Namespace) -> str:
@@ -99,54 +135,68 @@ class Client:
         self.path = path
         self.timeout = timeout
 
-    def _open(
-        self, method: str, target: str, body: dict[str, Any] | None, timeout: float | None
-    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        connection = _UnixConnection(self.path, timeout)
-        payload = None if body is None else json.dumps(body).encode()
-        headers = {"Accept": "application/json"}
-        if payload is not None:
-            headers["Content-Type"] = "application/json"
+    def _connect(self, timeout: float | None) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            connection.request(method, target, body=payload, headers=headers)
-            response = connection.getresponse()
+            sock.settimeout(timeout)
+            sock.connect(self.path)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
-            connection.close()
+            sock.close()
             raise ClientError(
                 f"cannot connect to {self.path}: {exc.strerror} ({UNREACHABLE_HINT})",
                 Exit.UNREACHABLE,
             ) from exc
         except PermissionError as exc:
-            connection.close()
+            sock.close()
             raise ClientError(
                 f"cannot connect to {self.path}: {exc.strerror} (the socket is open to root "
                 "and its group only; run as root or as a member of that group)",
                 Exit.DENIED,
             ) from exc
-        except TimeoutError as exc:
-            connection.close()
+        except OSError as exc:
+            sock.close()
             raise ClientError(
-                f"no answer from {self.path} within {timeout:.0f}s (the daemon may be stuck; "
-                "see journalctl -u organixm-update)",
+                f"cannot connect to {self.path}: {exc} ({UNREACHABLE_HINT})", Exit.UNREACHABLE
+            ) from exc
+        return sock
+
+    def _exchange(
+        self, method: str, target: str, body: dict[str, Any] | None, timeout: float | None
+    ) -> tuple[socket.socket, _Response]:
+        payload = b"" if body is None else json.dumps(body).encode()
+        head = f"{method} {target} HTTP/1.0\r\nHost: localhost\r\nAccept: application/json\r\n"
+        if body is not None:
+            head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+        sock = self._connect(timeout)
+        try:
+            sock.sendall(head.encode() + b"\r\n" + payload)
+            return sock, _read_head(sock.makefile("rb"))
+        except TimeoutError as exc:
+            sock.close()
+            raise ClientError(
+                f"no answer from {self.path} within {timeout}s (is the daemon stuck? see "
+                "journalctl -u organixm-update)",
                 Exit.UNREACHABLE,
             ) from exc
-        except (OSError, http.client.HTTPException) as exc:
-            connection.close()
+        except OSError as exc:
+            sock.close()
             raise ClientError(
                 f"talking to {self.path} failed: {exc} ({UNREACHABLE_HINT})", Exit.UNREACHABLE
             ) from exc
-        return connection, response
+        except BaseException:
+            sock.close()
+            raise
 
     def request(self, method: str, target: str, body: dict[str, Any] | None = None) -> Answer:
         """Send one request and read the whole answer; a problem raises :class:`Problem`."""
-        connection, response = self._open(method, target, body, self.timeout)
+        sock, response = self._exchange(method, target, body, self.timeout)
         try:
-            data = response.read()
-        except (OSError, http.client.HTTPException) as exc:
+            data = response.read_body()
+        except OSError as exc:
             raise ClientError(f"reading the answer from {self.path} failed: {exc}") from exc
         finally:
-            connection.close()
-        answer = Answer(response.status, response.getheader("Content-Type", ""), data)
+            sock.close()
+        answer = Answer(response.status, response.headers.get("content-type", ""), data)
         if answer.status >= 400:
             raise _problem(answer)
         return answer
@@ -159,14 +209,16 @@ class Client:
 
     def events(self) -> Iterator[tuple[bytes, dict[str, Any]]]:
         """Follow ``GET /v1/events``: (raw line, parsed event) until the daemon closes it."""
-        connection, response = self._open("GET", "/v1/events", None, None)
+        sock, response = self._exchange("GET", "/v1/events", None, self.timeout)
         try:
             if response.status >= 400:
-                raise _problem(Answer(response.status, "", response.read()))
+                raise _problem(Answer(response.status, "", response.read_body()))
+            # Events come when something happens: wait for them without a deadline.
+            sock.settimeout(None)
             while True:
                 try:
-                    line = response.readline()
-                except (OSError, http.client.HTTPException) as exc:
+                    line = response.stream.readline(MAX_BODY)
+                except OSError as exc:
                     raise ClientError(
                         f"the event stream from {self.path} broke: {exc}", Exit.UNREACHABLE
                     ) from exc
@@ -181,7 +233,7 @@ class Client:
                     raise ClientError(f"the daemon sent an invalid event line: {exc}") from exc
                 yield line, event
         finally:
-            connection.close()
+            sock.close()
 
 
 def _problem(answer: Answer) -> ClientError:

@@ -117,6 +117,7 @@ class _ProgressBar:
         self._phase_start = 0.0
         self._last = 0.0
         self._drawn = False
+        self._width = 0
 
     def __call__(self, phase: str, done: int, total: int) -> None:
         with self._lock:
@@ -125,16 +126,22 @@ class _ProgressBar:
                 if self._drawn:
                     self._stream.write("\n")
                 self._phase, self._phase_start, self._last = phase, now, 0.0
+                self._width = 0
             if now - self._last < 0.2 and done < total:
                 return
             self._last = now
-            elapsed = max(now - self._phase_start, 1e-6)
+            elapsed = now - self._phase_start
             percent = 100 * done // total if total else 100
             filled = percent * 30 // 100
-            self._stream.write(
-                f"\r{phase:<9} [{'#' * filled}{'.' * (30 - filled)}] {percent:3d}% "
-                f"{done / 2**20:9.1f}/{total / 2**20:.1f} MiB {done / elapsed / 1e6:7.1f} MB/s"
+            # A rate over a few milliseconds (a local rename, a skipped upload) means nothing.
+            rate = f"{done / elapsed / 1e6:7.1f} MB/s" if elapsed >= 0.2 else ""
+            line = (
+                f"{phase:<9} [{'#' * filled}{'.' * (30 - filled)}] {percent:3d}% "
+                f"{done / 2**20:9.1f}/{total / 2**20:.1f} MiB {rate}"
             )
+            # Pad over the previous, possibly longer, line: plain text, no escape codes.
+            self._stream.write("\r" + line.ljust(self._width))
+            self._width = len(line)
             self._stream.flush()
             self._drawn = True
 

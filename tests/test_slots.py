@@ -1,0 +1,166 @@
+"""Slots as real block devices (loop devices): install, mounted target, too small a target.
+
+Runs as root (``losetup``, ``mount``); every loop device and mount is undone in
+teardown. The daemon is a real ``organixmd --once`` process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.images import make_ext4_image
+from tests.support.releases import BuiltRelease, build_release
+from tests.test_sources import CliHost, sha256_file
+
+MiB = 1024 * 1024
+
+
+class LoopDevices:
+    """Loop devices over backing files, and mounts on them; all undone by :meth:`close`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.devices: list[Path] = []
+        self.mounts: list[Path] = []
+
+    def attach(self, name: str, size: int) -> Path:
+        backing = self.root / f"{name}.backing"
+        with open(backing, "wb") as handle:
+            handle.truncate(size)
+        done = subprocess.run(
+            ["losetup", "--find", "--show", str(backing)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        device = Path(done.stdout.strip())
+        self.devices.append(device)
+        return device
+
+    def mount(self, device: Path, where: Path) -> None:
+        """Mount read-only: the kernel then writes nothing, so any change is the daemon's."""
+        where.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-o", "ro", str(device), str(where)], check=True)
+        self.mounts.append(where)
+
+    def close(self) -> None:
+        for where in reversed(self.mounts):
+            subprocess.run(["umount", str(where)], check=False)
+        for device in reversed(self.devices):
+            subprocess.run(["losetup", "-d", str(device)], check=False)
+
+
+@pytest.fixture
+def loops(tmp_path: Path) -> Iterator[LoopDevices]:
+    devices = LoopDevices(tmp_path)
+    try:
+        yield devices
+    finally:
+        devices.close()
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory: pytest.TempPathFactory) -> BuiltRelease:
+    """A real 24 MiB ext4 image as a release in a directory."""
+    root = tmp_path_factory.mktemp("slots")
+    image = make_ext4_image(root / "root.img", 24 * MiB, payload_bytes=14 * MiB, seed=31)
+    return build_release(image, root / "pub" / "fleet", serial=4)
+
+
+def device_hash(device: Path) -> str:
+    """SHA-256 of a whole device, read with O_DIRECT (what is on it, not the page cache)."""
+    done = subprocess.run(
+        ["dd", f"if={device}", "bs=4M", "iflag=direct", "status=none"],
+        capture_output=True,
+        check=True,
+    )
+    return hashlib.sha256(done.stdout).hexdigest()
+
+
+def test_install_into_loop_device_slot(
+    tmp_path: Path, loops: LoopDevices, release: BuiltRelease
+) -> None:
+    """A release is written to a real block device slot with O_DIRECT and verified."""
+    slot_a = loops.attach("a", 32 * MiB)
+    slot_b = loops.attach("b", 32 * MiB)
+    host = CliHost(tmp_path / "host", slot_a=slot_a, slot_b=slot_b)
+    host.write_config(release.url)
+    done = host.run_once()
+    host.assert_staged(done, release.image_path)
+    size = release.meta.image.size
+    # What is on the device itself (O_DIRECT), not what a cache says.
+    on_device = subprocess.run(
+        ["dd", f"if={slot_b}", "bs=1M", f"count={size // MiB}", "iflag=direct", "status=none"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert hashlib.sha256(on_device).hexdigest() == release.meta.image.sha256
+    assert device_hash(slot_a) == hashlib.sha256(bytes(32 * MiB)).hexdigest()
+
+
+def test_mounted_target_refused(tmp_path: Path, loops: LoopDevices, release: BuiltRelease) -> None:
+    """A target slot that is mounted is refused, naming the mount point; nothing is written."""
+    slot_a = loops.attach("a", 32 * MiB)
+    slot_b = loops.attach("b", 32 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(slot_b)], check=True)
+    where = tmp_path / "mnt" / "slot b"
+    loops.mount(slot_b, where)
+    before = device_hash(slot_b)
+    assert (where / "lost+found").is_dir()
+    host = CliHost(tmp_path / "host", slot_a=slot_a, slot_b=slot_b)
+    host.write_config(release.url)
+    done = host.run_once()
+    assert done.returncode == 11, done.stdout + done.stderr
+    verdict = done.stdout.strip()
+    assert verdict.startswith(f"blocked: slot b ({slot_b}) is mounted at {where}")
+    assert f"unmount {where} first" in verdict
+    assert host.state()["last_verdict"]["code"] == "slot-unusable"
+    assert host.state()["history"] == []
+    assert device_hash(slot_b) == before
+    assert host.boot_state().next_slot == "a"
+
+
+def test_mounted_file_slot_refused(
+    tmp_path: Path, loops: LoopDevices, release: BuiltRelease
+) -> None:
+    """A file slot mounted through a loop device is refused too (the loop's backing file)."""
+    host = CliHost(tmp_path / "host", slot_size=32 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(host.slot_b)], check=True)
+    done = subprocess.run(
+        ["losetup", "--find", "--show", str(host.slot_b)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    loops.devices.append(Path(done.stdout.strip()))
+    where = tmp_path / "mnt"
+    loops.mount(Path(done.stdout.strip()), where)
+    before = sha256_file(host.slot_b)
+    host.write_config(release.url)
+    refused = host.run_once()
+    assert refused.returncode == 11, refused.stdout + refused.stderr
+    assert f"is mounted at {where}; refusing to overwrite it" in refused.stdout
+    assert sha256_file(host.slot_b) == before
+
+
+def test_image_larger_than_loop_slot_refused(
+    tmp_path: Path, loops: LoopDevices, release: BuiltRelease
+) -> None:
+    """An image larger than the target block device is refused before any byte is written."""
+    slot_a = loops.attach("a", 16 * MiB)
+    slot_b = loops.attach("b", 16 * MiB)
+    before = device_hash(slot_b)
+    host = CliHost(tmp_path / "host", slot_a=slot_a, slot_b=slot_b)
+    host.write_config(release.url)
+    done = host.run_once()
+    assert done.returncode == 11, done.stdout + done.stderr
+    size = release.meta.image.size
+    assert done.stdout.strip().startswith(
+        f"blocked: the image ({size} bytes) is larger than slot b ({slot_b}, {16 * MiB} bytes)"
+    )
+    assert host.state()["last_verdict"]["code"] == "slot-unusable"
+    assert device_hash(slot_b) == before
+    assert host.boot_state().next_slot == "a"

@@ -209,14 +209,21 @@ def early_config(boot_uuid: str) -> str:
     return f"search --no-floppy --fs-uuid --set=root {boot_uuid}\nset prefix=($root){GRUB_DIR}\n"
 
 
-def make_core_image(boot_uuid: str, output: Path, *, platform: str) -> Path:
-    """Build GRUB's core image for ``platform`` (``i386-pc`` or ``x86_64-efi``)."""
+def make_core_image(
+    boot_uuid: str, output: Path, *, platform: str, directory: Path | None = None
+) -> Path:
+    """Build GRUB's core image for ``platform`` (``i386-pc`` or ``x86_64-efi``).
+
+    ``directory`` holds GRUB's modules for the platform (default: Debian's
+    ``/usr/lib/grub/<platform>``; on NixOS ``${grub2}/lib/grub/<platform>``).
+    """
     if platform == "i386-pc":
-        directory, modules = GRUB_I386_PC, GRUB_MODULES_BIOS
+        default, modules = GRUB_I386_PC, GRUB_MODULES_BIOS
     elif platform == "x86_64-efi":
-        directory, modules = GRUB_X86_64_EFI, GRUB_MODULES_EFI
+        default, modules = GRUB_X86_64_EFI, GRUB_MODULES_EFI
     else:
         raise BootError(f"unsupported GRUB platform {platform!r}: use i386-pc or x86_64-efi")
+    directory = directory or default
     with tempfile.TemporaryDirectory() as scratch:
         config = Path(scratch) / "early.cfg"
         config.write_text(early_config(boot_uuid))
@@ -240,7 +247,9 @@ def make_core_image(boot_uuid: str, output: Path, *, platform: str) -> Path:
     return output
 
 
-def install_bios(target: Path, layout: DiskLayout, core_image: Path) -> None:
+def install_bios(
+    target: Path, layout: DiskLayout, core_image: Path, *, directory: Path | None = None
+) -> None:
     """Embed ``core_image`` in the BIOS boot partition and point boot.img at it.
 
     Does what ``grub-bios-setup`` does for an embedded core (it cannot run on an
@@ -259,7 +268,7 @@ def install_bios(target: Path, layout: DiskLayout, core_image: Path) -> None:
     core += b"\0" * (sectors * SECTOR - len(core))
     # struct grub_pc_bios_boot_blocklist { u64 start; u16 len; u16 segment; } ends sector 0.
     struct.pack_into("<QH", core, SECTOR - 12, core_lba + 1, sectors - 1)
-    boot_img = (GRUB_I386_PC / "boot.img").read_bytes()
+    boot_img = ((directory or GRUB_I386_PC) / "boot.img").read_bytes()
     descriptor = os.open(target, os.O_RDWR)
     try:
         mbr = bytearray(os.pread(descriptor, SECTOR, 0))

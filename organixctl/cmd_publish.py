@@ -171,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
         check_signing,
         make_boot_entry,
         publish,
+        split_target,
     )
     from organixmd.s3client import S3Settings
 
@@ -201,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
         if args.secret_key is not None and args.allow_unsigned:
             raise ConfigError("--secret-key and --allow-unsigned exclude each other", hint="")
         check_signing(args.secret_key, args.allow_unsigned)
+        split_target(args.to)
         password = None
         if args.password_file is not None:
             try:

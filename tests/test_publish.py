@@ -668,3 +668,35 @@ async def test_anonymous_client_and_error_mapping(moto: MotoServer, s3_bucket: s
         ):
             await client.get_object(Bucket="no-such-bucket-x", Key="k")
         assert caught.value.__cause__ is not None
+
+
+def test_missing_target_directory_is_refused(
+    tmp_path: Path, small_image: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A directory target that does not exist is named in the error and not created."""
+    target = tmp_path / "no" / "such" / "web"
+    code = publish_cli(
+        small_image, "--to", target, "--version", "1", "--serial", "1", "--allow-unsigned"
+    )
+    assert code == Exit.ERROR
+    assert f"target directory {target.parent} does not exist" in capsys.readouterr().err
+    assert not target.parent.exists()
+
+
+def test_target_naming_the_meta_is_refused(
+    tmp_path: Path, small_image: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--to must name the release, not its .meta file (the same rule as the daemon's URL)."""
+    code = publish_cli(
+        small_image,
+        "--to",
+        tmp_path / "web.meta",
+        "--version",
+        "1",
+        "--serial",
+        "1",
+        "--allow-unsigned",
+    )
+    assert code == Exit.USAGE
+    assert "without '.meta'" in capsys.readouterr().err
+    assert not (tmp_path / "web.meta").exists()

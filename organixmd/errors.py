@@ -26,7 +26,8 @@ Raising never logs: whoever decides the outcome logs once.
     ├── PolicyError            a release is refused by policy (downgrade, failed before)
     ├── Busy                   another operation is running (HTTP 409)
     ├── Cancelled              an operation was cancelled by an admin
-    └── KeyFileError           a minisign key cannot be read, decrypted or written
+    ├── KeyFileError           a minisign key cannot be read, decrypted or written
+    └── PublishError           a release cannot be staged or written to its target
 """
 
 from __future__ import annotations
@@ -153,3 +154,8 @@ class KeyFileError(OrganixmError):
     hint = (
         "check the key file or public key line (`organixctl keygen` and `minisign -G` write them)"
     )
+
+
+class PublishError(OrganixmError):
+    code = "publish-failed"
+    hint = "check free space and permissions where the image is staged and at the target"

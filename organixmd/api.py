@@ -355,10 +355,10 @@ class ControlServer:
 
     async def update(self, request: web.Request) -> web.Response:
         body = await self._body(request)
-        task = self.daemon.start_update(
-            force=self._flag(body, "force"), reboot=self._flag(body, "reboot")
-        )
-        if self._flag(body, "wait"):
+        # Every flag is validated before anything starts: a 400 must not leave an update running.
+        force, reboot, wait = (self._flag(body, name) for name in ("force", "reboot", "wait"))
+        task = self.daemon.start_update(force=force, reboot=reboot)
+        if wait:
             verdict = await asyncio.shield(task)
             return json_response({"verdict": verdict.model_dump(mode="json")})
         return json_response({"started": True}, status=202)

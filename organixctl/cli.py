@@ -27,6 +27,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("keygen", "organixctl.cmd_keygen", "write a minisign-compatible Ed25519 key pair"),
     ("publish", "organixctl.cmd_publish", "compress, sign and upload a release"),
     ("verify", "organixctl.cmd_verify", "check a published release's signature and every hash"),
+    ("provision", "organixctl.cmd_provision", "install organixm onto a disk or a disk image file"),
     (
         "status",
         "organixctl.cmd_status",

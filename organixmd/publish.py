@@ -28,7 +28,13 @@ from uuid import UUID, uuid4
 
 from pydantic import TypeAdapter, ValidationError
 
-from organixmd.errors import ConfigError, MetaError, OrganixmError, SourceNotFound
+from organixmd.errors import (
+    ConfigError,
+    MetaError,
+    OrganixmError,
+    PublishError,
+    SourceNotFound,
+)
 from organixmd.image import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_LEVEL,
@@ -241,7 +247,7 @@ class LocalTarget:
         try:
             (self.directory / IMAGES_DIR).mkdir(exist_ok=True)
         except OSError as exc:
-            raise ConfigError(
+            raise PublishError(
                 f"cannot create {self.directory / IMAGES_DIR}: {exc.strerror}"
             ) from exc
 
@@ -274,7 +280,7 @@ class LocalTarget:
         try:
             await asyncio.to_thread(self._install, staged, name)
         except OSError as exc:
-            raise ConfigError(f"cannot write {self.directory / name}: {exc.strerror}") from exc
+            raise PublishError(f"cannot write {self.directory / name}: {exc.strerror}") from exc
         if progress is not None:
             progress("upload", size, size)
 
@@ -298,7 +304,7 @@ class LocalTarget:
         try:
             await asyncio.to_thread(self._write_small, name, data)
         except OSError as exc:
-            raise ConfigError(f"cannot write {self.directory / name}: {exc.strerror}") from exc
+            raise PublishError(f"cannot write {self.directory / name}: {exc.strerror}") from exc
 
     async def delete(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -479,20 +485,32 @@ def _load_key(request: PublishRequest) -> SecretKey | None:
 
 
 def _compress_to(
-    request: PublishRequest, fd: int, progress: Progress | None, cancel: threading.Event
+    request: PublishRequest,
+    fd: int,
+    staged: Path,
+    progress: Progress | None,
+    cancel: threading.Event,
 ) -> WrittenImage:
     """Compress the image into ``fd`` (closed on return). Blocking: runs in a worker thread."""
-    with os.fdopen(fd, "wb") as out:
-        return write_image(
-            request.image,
-            out,
-            chunk_size=request.chunk_size,
-            level=request.level,
-            progress=(lambda done, total: progress("compress", done, total))
-            if progress is not None
-            else None,
-            cancel=cancel,
-        )
+
+    def report(done: int, total: int) -> None:
+        if progress is not None:
+            progress("compress", done, total)
+
+    try:
+        with os.fdopen(fd, "wb") as out:
+            return write_image(
+                request.image,
+                out,
+                chunk_size=request.chunk_size,
+                level=request.level,
+                progress=report,
+                cancel=cancel,
+            )
+    except OSError as exc:
+        raise PublishError(
+            f"compressing {request.image} into {staged} failed: {exc.strerror or exc}"
+        ) from exc
 
 
 def build_meta(request: PublishRequest, written: WrittenImage, object_name: str) -> MetaV1:
@@ -546,16 +564,23 @@ async def publish(request: PublishRequest, progress: Progress | None = None) -> 
             local = LocalTarget(Path(place))
             await asyncio.to_thread(local.prepare)
             target = local
-        fd, staged_name = tempfile.mkstemp(
-            prefix=".partial-", suffix=".img.zst", dir=target.staging_dir
-        )
+        try:
+            fd, staged_name = tempfile.mkstemp(
+                prefix=".partial-", suffix=".img.zst", dir=target.staging_dir
+            )
+        except OSError as exc:
+            where = target.staging_dir or tempfile.gettempdir()
+            raise PublishError(
+                f"cannot create a staging file in {where}: {exc.strerror}",
+                hint="pass --workdir with a writable directory that has room for the image",
+            ) from exc
         staged = Path(staged_name)
         # Removed on every exit: after an upload it is a redundant copy, after a
         # failure or cancellation an incomplete one.
         stack.callback(staged.unlink, missing_ok=True)
         cancel = threading.Event()
         try:
-            written = await asyncio.to_thread(_compress_to, request, fd, progress, cancel)
+            written = await asyncio.to_thread(_compress_to, request, fd, staged, progress, cancel)
         except asyncio.CancelledError:
             # The worker thread cannot be interrupted; tell it to stop at the next chunk.
             cancel.set()

@@ -700,3 +700,37 @@ def test_target_naming_the_meta_is_refused(
     assert code == Exit.USAGE
     assert "without '.meta'" in capsys.readouterr().err
     assert not (tmp_path / "web.meta").exists()
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs: a real full disk for the compressed image."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_full_disk_is_reported_and_leaves_nothing(
+    tiny_fs: Path, small_image: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Running out of space while compressing is a clear error; no partial file remains."""
+    code = publish_cli(
+        small_image,
+        "--to",
+        tiny_fs / "web",
+        "--version",
+        "1",
+        "--serial",
+        "1",
+        "--allow-unsigned",
+    )
+    assert code == Exit.ERROR
+    err = capsys.readouterr().err
+    assert "No space left on device" in err
+    assert "check free space" in err
+    assert list((tiny_fs / "images").iterdir()) == []
+    assert not (tiny_fs / "web.meta").exists()

@@ -20,11 +20,20 @@ import pytest
 from organixmd import boot, grubenv
 from organixmd.boot import BootState, Slot, SlotBoot
 from organixmd.disklayout import MIB, write_at
+from organixmd.meta import BootEntry
 from tests.support.disk import BootDisk, boot_control, build_boot_disk, copy_disk, mounted
 from tests.support.images import DEFAULT_BOOT, make_ext4_image
 from tests.support.qemu import FIRMWARES, BootResult, boot_emu, boot_qemu
 
 pytestmark = pytest.mark.slow
+
+#: Slot b's image carries its own boot entry, so a test can tell whose entry GRUB used.
+SLOT_B_BOOT = BootEntry(
+    kernel="/boot/bzImage",
+    initrd="/boot/initrd",
+    init="/nix/store/release-b/init",
+    params=["console=ttyS0", "organixm.test=b"],
+)
 
 #: Boot times per scenario, printed at the end of the module (docs/boot.md quotes them).
 TIMINGS: list[tuple[str, str, float]] = []
@@ -33,8 +42,9 @@ TIMINGS: list[tuple[str, str, float]] = []
 @pytest.fixture(scope="module")
 def base_disk(tmp_path_factory: pytest.TempPathFactory) -> BootDisk:
     work = tmp_path_factory.mktemp("grub-disk")
-    slot = make_ext4_image(work / "slot.img", 8 * MIB, payload_bytes=64 * 1024)
-    return build_boot_disk(work / "base.img", slot_a=slot, slot_b=slot)
+    slot_a = make_ext4_image(work / "a.img", 8 * MIB, payload_bytes=64 * 1024)
+    slot_b = make_ext4_image(work / "b.img", 8 * MIB, payload_bytes=64 * 1024, boot=SLOT_B_BOOT)
+    return build_boot_disk(work / "base.img", slot_a=slot_a, slot_b=slot_b)
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +95,10 @@ def test_fresh_install_boots_committed_slot_a(disk: BootDisk, firmware: str) -> 
     """A freshly installed disk boots slot a as committed and records it."""
     result = boot_and_time(disk, firmware, "fresh install")
     assert (result.slot, result.reason, result.marker["state"]) == ("a", "committed", "good")
+    assert result.cmdline == (
+        "/boot/bzImage organixm.slot=a organixm.reason=committed init=/sbin/init "
+        "console=ttyS0 quiet"
+    )
     assert result.pauses == 0
     state = read_state(disk)
     assert (state.booted, state.reason, state.trial_try) == ("a", "committed", None)
@@ -106,6 +120,10 @@ def test_flip_boots_trial_consuming_a_try_then_commit_makes_it_good(
         "try": "1",
         "env": "primary",
     }
+    assert result.cmdline == (
+        "/boot/bzImage organixm.slot=b organixm.reason=trial init=/nix/store/release-b/init "
+        "console=ttyS0 organixm.test=b"
+    )
     with boot_control(disk) as control:
         state = control.read()
         assert state.b == SlotBoot("trial", 2, 1)
@@ -259,9 +277,11 @@ def test_grub_emu_matches_predicted_decision_for_every_state(
     block_offset = _env_offset(disk, tmp_path)
     slot_a = disk.layout.slot_a
     slot_b = disk.layout.slot_b
+    heads = {}
     with open(disk.path, "rb") as handle:
-        handle.seek(slot_a.start)
-        good_head = handle.read(MIB)
+        for part in (slot_a, slot_b):
+            handle.seek(part.start)
+            heads[part.number] = handle.read(MIB)
     checked = 0
     descriptor = os.open(disk.path, os.O_RDWR)
     try:
@@ -273,7 +293,7 @@ def test_grub_emu_matches_predicted_decision_for_every_state(
             state = BootState(order=order, a=state_a, b=state_b)  # type: ignore[arg-type]
             os.pwrite(descriptor, grubenv.render(boot.env_from_state(state)), block_offset)
             for part, usable in ((slot_a, usable_a), (slot_b, usable_b)):
-                os.pwrite(descriptor, good_head if usable else b"\0" * MIB, part.start)
+                os.pwrite(descriptor, heads[part.number] if usable else b"\0" * MIB, part.start)
             expected = boot.predict_boot(state, {"a": usable_a, "b": usable_b})
             result = boot_emu(disk.path, tmp_path, disk.layout.boot.number)
             saved = boot.state_from_env(grubenv.parse(os.pread(descriptor, 1024, block_offset)))

@@ -24,7 +24,8 @@ OVMF = Path("/usr/share/ovmf/OVMF.fd")
 FIRMWARES = ("bios", "uefi")
 PAUSE = b"Press any key to continue"
 MENU_SIGNS = (b"GNU GRUB  version", b"Use the ^ and v keys", b"highlighted entry will be")
-_MARKER = re.compile(r"ORGANIXM-BOOT((?: [a-z_]+=(?:(?!ORGANIXM-BOOT)\S)*)+)")
+_MARKER = re.compile(r"ORGANIXM-BOOT((?: [a-z_]+=(?:(?!ORGANIXM-)\S)*)+)")
+_CMDLINE = re.compile(r"ORGANIXM-CMDLINE ((?:(?!ORGANIXM-)[^\r\n])*)")
 
 
 class BootFailed(AssertionError):
@@ -34,6 +35,8 @@ class BootFailed(AssertionError):
 @dataclass(frozen=True, slots=True)
 class BootResult:
     marker: dict[str, str]
+    #: The kernel path and command line the entry would boot, as GRUB printed them.
+    cmdline: str | None
     seconds: float
     pauses: int
     output: str
@@ -62,6 +65,12 @@ def parse_markers(output: str) -> dict[str, str]:
             if key not in best or not best[key].startswith(value):
                 raise BootFailed(f"conflicting markers {fields} and {best}:\n{output[-2000:]}")
     return best
+
+
+def parse_cmdline(output: str) -> str | None:
+    """The longest (untruncated) ORGANIXM-CMDLINE line GRUB printed, if any."""
+    lines = [match.group(1).strip() for match in _CMDLINE.finditer(output)]
+    return max(lines, key=len) if lines else None
 
 
 def qemu_argv(disk: Path, firmware: str) -> list[str]:
@@ -135,7 +144,7 @@ def run_until_exit(argv: list[str], *, timeout: float) -> BootResult:
         raise BootFailed(f"{argv[0]} exited with {process.returncode}:\n{text[-2000:]}")
     if any(sign in output for sign in MENU_SIGNS):
         raise BootFailed(f"GRUB showed an interactive menu:\n{text[-2000:]}")
-    return BootResult(parse_markers(text), seconds, pauses, text)
+    return BootResult(parse_markers(text), parse_cmdline(text), seconds, pauses, text)
 
 
 def boot_qemu(disk: Path, firmware: str, *, timeout: float = 90.0) -> BootResult:

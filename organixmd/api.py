@@ -78,6 +78,13 @@ class EventHub:
     def unsubscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
         self._subscribers.discard(queue)
 
+    def close(self) -> None:
+        """Send every subscriber a last ``stopping`` event; their streams then end.
+
+        Without it a stream handler waits for an event forever and shutdown waits for it.
+        """
+        self.publish("stopping", {})
+
 
 def problem(status: int, code: str, detail: str, hint: str = "") -> web.Response:
     body: dict[str, Any] = {
@@ -184,11 +191,15 @@ class ControlServer:
         os.chmod(self.path, 0o660)
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        self.daemon.hub.close()
+        try:
+            if self._runner is not None:
+                await self._runner.cleanup()
+                self._runner = None
+        finally:
+            # Even when cleanup runs out of time, no socket is left behind.
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
     # ------------------------------------------------------------------ middleware
 
@@ -328,6 +339,8 @@ class ControlServer:
             while not self.daemon.stop.is_set():
                 event = await queue.get()
                 await response.write((json.dumps(event, default=_json_default) + "\n").encode())
+                if event["event"] == "stopping":
+                    break
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:

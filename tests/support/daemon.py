@@ -1,0 +1,340 @@
+"""A host in a directory and the real daemon on it, for the control socket's tests.
+
+:func:`prepare_host` lays out what a host has: two file-backed slots, a kernel
+command line saying ``organixm.slot=a``, a GRUB environment (primary and backup)
+initialised by :class:`organixmd.boot.BootControl` as the installer does, and the
+daemon's TOML configuration. :class:`DaemonProcess` starts the real daemon
+(``python -m organixmd.cli --config ...``) as a subprocess, waits for its socket
+and stops it with SIGTERM. :meth:`Host.reboot` plays GRUB at the next boot: it
+applies the decision :func:`organixmd.boot.predict_boot` computes (the same
+rules as grub.cfg, held together by the grub-emu tests) and writes the
+``organixm.slot=`` the kernel would get.
+
+The socket lives in a short directory under /tmp that every user may traverse
+(sockets need a path under 108 bytes, and the ``nobody`` test must reach it).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from organixmd import grubenv
+from organixmd.boot import BootControl, BootState, Decision, env_from_state, predict_boot
+
+REPO = Path(__file__).resolve().parents[2]
+SLOT_SIZE = 48 * 1024 * 1024
+
+
+@dataclass
+class Host:
+    root: Path
+    socket_dir: Path
+    config: Path
+    slots: dict[str, Path]
+    cmdline: Path
+    grubenv: Path
+    grubenv_backup: Path
+    state_dir: Path
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def socket(self) -> Path:
+        return self.socket_dir / "control.sock"
+
+    def boot_control(self) -> BootControl:
+        return BootControl(self.grubenv, self.grubenv_backup)
+
+    def boot_state(self) -> BootState:
+        return self.boot_control().read()
+
+    def state(self) -> dict[str, Any]:
+        """The daemon's state file as JSON (``{}`` before the first write)."""
+        path = self.state_dir / "state.json"
+        if not path.exists():
+            return {}
+        data: dict[str, Any] = json.loads(path.read_text())
+        return data
+
+    def reboot(self) -> Decision:
+        """Boot the host as GRUB would now: record GRUB's decision, set the cmdline.
+
+        Call with the daemon stopped (a real reboot stops it too).
+        """
+        decision = predict_boot(self.boot_state(), {"a": True, "b": True})
+        if decision.slot is None:
+            raise AssertionError(f"GRUB would find no slot to boot: {decision}")
+        variables = grubenv.updated(grubenv.read(self.grubenv), env_from_state(decision.after))
+        block = grubenv.render(variables, source=str(self.grubenv))
+        grubenv.write_block(self.grubenv, block)
+        grubenv.write_block(self.grubenv_backup, block)
+        self.cmdline.write_text(f"BOOT_IMAGE=/vmlinuz ro organixm.slot={decision.slot}\n")
+        return decision
+
+    def write_config(self, url: str, **daemon: Any) -> None:
+        """(Re)write the daemon's configuration; ``daemon`` overrides ``[daemon]`` keys."""
+        settings = {
+            "state_dir": str(self.state_dir),
+            "socket": str(self.socket),
+            "socket_group": "root",
+            "admin_group": "root",
+            "host_id_file": str(self.root / "machine-id"),
+            "poll_interval": 3600,
+            "poll_jitter": 0,
+        }
+        settings.update(daemon)
+        self.settings = settings
+        lines = [
+            "[source]",
+            f"url = {json.dumps(url)}",
+            "[slots]",
+            f"a = {json.dumps(str(self.slots['a']))}",
+            f"b = {json.dumps(str(self.slots['b']))}",
+            f"cmdline = {json.dumps(str(self.cmdline))}",
+            "[boot]",
+            f"grubenv = {json.dumps(str(self.grubenv))}",
+            'reboot_command = ["true"]',
+            "[install]",
+            "checkpoint_interval = 0.2",
+            "[daemon]",
+            *(f"{key} = {json.dumps(value)}" for key, value in settings.items()),
+        ]
+        self.config.write_text("\n".join(lines) + "\n")
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+
+def prepare_host(root: Path, url: str, *, installed: Path | None = None, **daemon: Any) -> Host:
+    """A host booted from slot a, committed; slot a holds ``installed`` (an image) if given."""
+    root.mkdir(parents=True, exist_ok=True)
+    socket_dir = Path(tempfile.mkdtemp(prefix="oxm-", dir="/tmp"))
+    socket_dir.chmod(0o755)
+    (root / "boot").mkdir(exist_ok=True)
+    host = Host(
+        root=root,
+        socket_dir=socket_dir,
+        config=root / "organixmd.toml",
+        slots={"a": root / "slot-a.img", "b": root / "slot-b.img"},
+        cmdline=root / "cmdline",
+        grubenv=root / "boot" / "grubenv",
+        grubenv_backup=root / "boot" / "grubenv.bak",
+        state_dir=root / "state",
+    )
+    for path in host.slots.values():
+        with open(path, "wb") as handle:
+            handle.truncate(SLOT_SIZE)
+    if installed is not None:
+        with open(installed, "rb") as source, open(host.slots["a"], "r+b") as target:
+            shutil.copyfileobj(source, target, 4 * 1024 * 1024)
+    (root / "machine-id").write_text("0123456789abcdef0123456789abcdef\n")
+    host.cmdline.write_text("BOOT_IMAGE=/vmlinuz ro organixm.slot=a\n")
+    host.boot_control().initialize("a")
+    host.write_config(url, **daemon)
+    return host
+
+
+class DaemonFailed(AssertionError):
+    pass
+
+
+class DaemonProcess:
+    """The real ``organixmd`` as a subprocess; its output goes to a log file in the host."""
+
+    count = 0
+
+    def __init__(self, host: Host, env: dict[str, str] | None = None) -> None:
+        self.host = host
+        self.env = env
+        DaemonProcess.count += 1
+        self.log = host.root / f"organixmd-{DaemonProcess.count}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, *, ready: bool = True, timeout: float = 60.0) -> DaemonProcess:
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+        env.update(self.env or {})
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "organixmd.cli", "--config", str(self.host.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env=env,
+            )
+        self.wait_socket(timeout)
+        if ready:
+            self.wait_ready(timeout)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def _check_alive(self) -> None:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise DaemonFailed(
+                f"organixmd exited with {self.process.returncode}:\n{self.output()[-4000:]}"
+            )
+
+    def wait_socket(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            if self.host.socket.is_socket():
+                try:
+                    with socket.socket(socket.AF_UNIX) as probe:
+                        probe.connect(str(self.host.socket))
+                    return
+                except OSError:
+                    pass
+            time.sleep(0.02)
+        raise DaemonFailed(f"no control socket after {timeout}s:\n{self.output()[-4000:]}")
+
+    def wait_ready(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Wait until the boot-time check has finished; returns the status then."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            answer = request(self.host.socket, "GET", "/v1/status")
+            status: dict[str, Any] = answer.json()
+            if status["daemon"]["ready"]:
+                return status
+            time.sleep(0.05)
+        raise DaemonFailed(f"not ready after {timeout}s:\n{self.output()[-4000:]}")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise DaemonFailed(
+                    f"organixmd did not stop within {timeout}s of SIGTERM:\n{self.output()[-4000:]}"
+                ) from None
+        return self.process.returncode
+
+    def __enter__(self) -> DaemonProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+# ---------------------------------------------------------------------------- raw HTTP
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(str(self.path))
+        self.sock = sock
+
+
+@dataclass(frozen=True)
+class RawAnswer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def request(
+    path: Path,
+    method: str,
+    target: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> RawAnswer:
+    """One HTTP/1.1 request over the Unix socket with :mod:`http.client` (independent of
+    organixctl's own client)."""
+    connection = _UnixConnection(path, timeout)
+    try:
+        connection.request(method, target, body=body, headers=headers or {})
+        response = connection.getresponse()
+        data = response.read()
+        return RawAnswer(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
+    finally:
+        connection.close()
+
+
+def organixctl(
+    *args: str,
+    socket_path: Path | None = None,
+    user: str | None = None,
+    timeout: float = 120.0,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run the real ``organixctl`` (``python -m organixctl``) as a subprocess.
+
+    ``user="nobody"`` runs it through ``setpriv`` as nobody:nogroup with no
+    supplementary groups.
+    """
+    command = [sys.executable, "-m", "organixctl", *args]
+    if socket_path is not None:
+        command += ["--socket", str(socket_path)]
+    if user is not None:
+        command = [
+            "setpriv",
+            f"--reuid={user}",
+            "--regid=nogroup",
+            "--clear-groups",
+            *command,
+        ]
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+# ---------------------------------------------------------------------------- releases
+
+#: Small real ext4 images: 8 MiB of incompressible payload, so a throttled
+#: download takes long enough to be watched and interrupted.
+IMAGE_SIZE = 16 * 1024 * 1024
+PAYLOAD = 8 * 1024 * 1024
+
+
+def make_images(directory: Path, count: int) -> list[Path]:
+    """``count`` different root images (seeds 1..count) in ``directory``."""
+    from tests.support.images import make_ext4_image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    return [
+        make_ext4_image(directory / f"root-{n}.img", IMAGE_SIZE, payload_bytes=PAYLOAD, seed=n)
+        for n in range(1, count + 1)
+    ]

@@ -42,7 +42,7 @@ from organixmd.image import (
     check_chunk_size,
     write_image,
 )
-from organixmd.meta import MAX_META_BYTES, BootEntry, Chunk, MetaV1, now_utc
+from organixmd.meta import MAX_META_BYTES, BootEntry, Chunk, MetaV1, now_utc, parse_meta
 from organixmd.s3client import S3Settings, open_client, parse_s3_url, s3_errors
 
 if TYPE_CHECKING:
@@ -218,6 +218,8 @@ class _Target(Protocol):
 
     async def delete(self, name: str) -> None: ...
 
+    async def read_small(self, name: str, limit: int) -> bytes | None: ...
+
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -310,6 +312,20 @@ class LocalTarget:
         with contextlib.suppress(FileNotFoundError):
             await asyncio.to_thread(os.unlink, self.directory / name)
 
+    def _read_small(self, name: str, limit: int) -> bytes | None:
+        try:
+            with (self.directory / name).open("rb") as handle:
+                return handle.read(limit + 1)
+        except FileNotFoundError:
+            return None
+
+    async def read_small(self, name: str, limit: int) -> bytes | None:
+        """The file's first ``limit + 1`` bytes (so oversize shows), or None if missing."""
+        try:
+            return await asyncio.to_thread(self._read_small, name, limit)
+        except OSError as exc:
+            raise PublishError(f"cannot read {self.directory / name}: {exc.strerror}") from exc
+
 
 def part_size_for(size: int) -> int:
     """The multipart part size: 8 MiB, doubled up to 64 MiB (and beyond only if needed)."""
@@ -358,6 +374,20 @@ class S3Target:
     async def delete(self, name: str) -> None:
         with s3_errors(self.bucket, self.key(name), "delete stale signature"):
             await self._client.delete_object(Bucket=self.bucket, Key=self.key(name))
+
+    async def read_small(self, name: str, limit: int) -> bytes | None:
+        """The object's first ``limit + 1`` bytes (so oversize shows), or None if missing."""
+        key = self.key(name)
+        try:
+            with s3_errors(self.bucket, key, "read the published meta"):
+                answer = await self._client.get_object(
+                    Bucket=self.bucket, Key=key, Range=f"bytes=0-{limit}"
+                )
+                async with answer["Body"] as body:
+                    data: bytes = await body.read()
+        except SourceNotFound:
+            return None
+        return data
 
     async def put_image(
         self, staged: Path, name: str, size: int, progress: Progress | None
@@ -513,6 +543,29 @@ def _compress_to(
         ) from exc
 
 
+async def _check_serial(target: _Target, meta_name: str, request: PublishRequest) -> None:
+    """Refuse a serial below the published one: every host that saw it would refuse ours.
+
+    An equal serial is allowed (re-signing or re-publishing the same release); an
+    unreadable or foreign meta at the name is replaced without comment.
+    """
+    current = await target.read_small(meta_name, MAX_META_BYTES)
+    if current is None:
+        return
+    try:
+        published = parse_meta(current, source=target.location(meta_name))
+    except MetaError:
+        return
+    if request.serial < published.serial:
+        raise ConfigError(
+            f"--serial {request.serial} is lower than the serial {published.serial} "
+            f"({published.version}) already published at {target.location(meta_name)}; "
+            "hosts would refuse it as a downgrade",
+            hint=f"publish with --serial {published.serial + 1} or higher (to roll back, "
+            "publish the older image under a new serial)",
+        )
+
+
 def build_meta(request: PublishRequest, written: WrittenImage, object_name: str) -> MetaV1:
     try:
         meta = MetaV1(
@@ -564,6 +617,7 @@ async def publish(request: PublishRequest, progress: Progress | None = None) -> 
             local = LocalTarget(Path(place))
             await asyncio.to_thread(local.prepare)
             target = local
+        await _check_serial(target, f"{name}.meta", request)
         try:
             fd, staged_name = tempfile.mkstemp(
                 prefix=".partial-", suffix=".img.zst", dir=target.staging_dir

@@ -734,3 +734,24 @@ def test_full_disk_is_reported_and_leaves_nothing(
     assert "check free space" in err
     assert list((tiny_fs / "images").iterdir()) == []
     assert not (tiny_fs / "web.meta").exists()
+
+
+def test_lower_serial_than_published_is_refused(
+    aws_env: MotoServer,
+    s3_bucket: str,
+    small_image: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A serial below the published one is refused before any upload; an equal one is not."""
+    common: list[str | Path] = [small_image, "--to", f"s3://{s3_bucket}/web"]
+    common += ["--version", "1", "--allow-unsigned", "--level", "1"]
+    assert publish_cli(*common, "--serial", "5") == Exit.OK
+    client = s3(aws_env)
+    before = client.get_object(Bucket=s3_bucket, Key="web.meta")["Body"].read()
+    capsys.readouterr()
+    assert publish_cli(*common, "--serial", "4") == Exit.ERROR
+    err = capsys.readouterr().err
+    assert "--serial 4 is lower than the serial 5" in err
+    assert "--serial 6 or higher" in err
+    assert client.get_object(Bucket=s3_bucket, Key="web.meta")["Body"].read() == before
+    assert publish_cli(*common, "--serial", "5") == Exit.OK

@@ -307,3 +307,19 @@ def test_grub_emu_matches_predicted_decision_for_every_state(
     finally:
         os.close(descriptor)
     assert checked > 150
+
+
+def test_grub_emu_malformed_tries_count_as_last_try(disk: BootDisk, tmp_path: Path) -> None:
+    """A tries value that is not a string of x allows one more boot, never an endless trial."""
+    block_offset = _env_offset(disk, tmp_path)
+    variables = boot.env_from_state(boot.flipped(boot.initial("a"), "b", 3, booted="a"))
+    variables["organixm_b_tries"] = "3"
+    descriptor = os.open(disk.path, os.O_RDWR)
+    try:
+        os.pwrite(descriptor, grubenv.render(variables), block_offset)
+        first = boot_emu(disk.path, tmp_path, disk.layout.boot.number)
+        second = boot_emu(disk.path, tmp_path, disk.layout.boot.number)
+    finally:
+        os.close(descriptor)
+    assert (first.slot, first.reason, first.marker["tries_left"]) == ("b", "trial", "")
+    assert (second.slot, second.reason) == ("a", "fallback-tries-exhausted")

@@ -54,6 +54,17 @@ def garbage_kernel_slot(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tree = work / "tree"
     (tree / "boot").mkdir(parents=True)
     (tree / DEFAULT_BOOT.kernel.lstrip("/")).write_bytes(os.urandom(64 * 1024))
+    (tree / DEFAULT_BOOT.initrd.lstrip("/")).write_bytes(os.urandom(4096))
+    return make_ext4_image(work / "slot.img", 8 * MIB, tree=tree)
+
+
+@pytest.fixture(scope="module")
+def no_initrd_slot(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A slot image with a kernel file but without the initrd its boot entry names."""
+    work = tmp_path_factory.mktemp("no-initrd")
+    tree = work / "tree"
+    (tree / "boot").mkdir(parents=True)
+    (tree / DEFAULT_BOOT.kernel.lstrip("/")).write_bytes(os.urandom(64 * 1024))
     return make_ext4_image(work / "slot.img", 8 * MIB, tree=tree)
 
 
@@ -323,3 +334,18 @@ def test_grub_emu_malformed_tries_count_as_last_try(disk: BootDisk, tmp_path: Pa
         os.close(descriptor)
     assert (first.slot, first.reason, first.marker["tries_left"]) == ("b", "trial", "")
     assert (second.slot, second.reason) == ("a", "fallback-tries-exhausted")
+
+
+def test_grub_emu_slot_without_its_initrd_falls_back_without_a_pause(
+    disk: BootDisk, no_initrd_slot: Path, tmp_path: Path
+) -> None:
+    """A slot whose initrd is missing is not booted half-way: the other slot boots, no pause."""
+    write_at(
+        disk.path, disk.layout.slot_b.start, no_initrd_slot, disk.layout.slot_b.size, sparse=False
+    )
+    with boot_control(disk) as control:
+        control.flip("b", 3)
+    result = boot_emu(disk.path, tmp_path, disk.layout.boot.number)
+    assert (result.slot, result.reason) == ("a", "fallback-load-failed")
+    assert "slot b has no initrd" in result.output
+    assert result.pauses == 0

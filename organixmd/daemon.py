@@ -216,6 +216,9 @@ async def run_daemon(config: Config) -> int:
     server = ControlServer(config, daemon)
     try:
         await manager.reconcile()
+        # The last run's verdict may describe another boot (another slot, a slot since
+        # marked bad): the first check of this run fetches the meta unconditionally.
+        engine.state.meta_etag = None
         await server.start()
         log.info("started", socket=str(config.daemon.socket), booted=manager.booted)
         async with asyncio.TaskGroup() as group:

@@ -65,10 +65,17 @@ def render(status: dict[str, Any], now: datetime | None = None) -> str:
     boot = status.get("boot") or {}
     booted = boot.get("booted")
     lines = []
+    explanation = boot.get("explanation", "")
+    if boot.get("reason") == "trial" and boot.get("on_trial") is False:
+        # GRUB's record still says "trial" after mark-good; the slot states are newer.
+        explanation = (
+            f"slot {booted} booted on trial (try {boot.get('trial_try') or '?'}) and is "
+            "committed since"
+        )
     if booted:
-        lines.append(f"Booted:      slot {booted} - {boot.get('explanation', '')}")
+        lines.append(f"Booted:      slot {booted} - {explanation}")
     else:
-        lines.append(f"Booted:      unknown - {boot.get('explanation', '')}")
+        lines.append(f"Booted:      unknown - {explanation}")
     if boot.get("env_copy") == "backup":
         lines.append("             (GRUB environment read from its backup copy)")
     next_slot = boot.get("next_slot")

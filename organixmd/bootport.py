@@ -26,3 +26,7 @@ class GrubBootPort:
 
     def stage(self, target: SlotName, tries: int) -> None:
         self.control.flip(target, tries)
+
+    def invalidate(self, target: SlotName) -> None:
+        if self.control.read().slot(target).state != "bad":
+            self.control.mark_bad(target)

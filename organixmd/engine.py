@@ -84,6 +84,10 @@ class BootPort(Protocol):
         """Make ``target`` boot next, on trial with ``tries`` tries. One env write."""
         ...
 
+    def invalidate(self, target: SlotName) -> None:
+        """Mark ``target`` bad before it is overwritten (a half-written slot is never good)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class LiveProgress:
@@ -486,6 +490,9 @@ class Engine:
             chunks_done=start,
             started=utcnow(),
         )
+        if self.boot is not None:
+            # GRUB must never fall back into a slot that is being written (invariant 3).
+            await asyncio.to_thread(self.boot.invalidate, target)
         self.state.progress = checkpoint
         self.state.record("install-started", slot=target, release=ref, detail=f"chunk {start}")
         await self.persist()

@@ -349,3 +349,33 @@ async def test_admin_cancel_ends_install_with_verdict(tmp_path: Path, rootfs: Pa
     assert host.state()["progress"] is not None
     assert not engine.request_cancel()
     assert engine.phase.value == "error"
+
+
+async def test_target_marked_bad_while_written_then_flipped(tmp_path: Path, rootfs: Path) -> None:
+    """GRUB never sees the slot being written as good; once verified it is flipped to trial."""
+    from organixmd import grubenv
+    from organixmd.boot import BootControl
+    from organixmd.bootport import GrubBootPort
+
+    host = Host(tmp_path)
+    control = BootControl(tmp_path / "grubenv", tmp_path / "grubenv.bak")
+    control.initialize("a")
+    # A previous commit of b left both slots good: b would be GRUB's fallback.
+    for path in (tmp_path / "grubenv", tmp_path / "grubenv.bak"):
+        variables = grubenv.updated(grubenv.read(path), {"organixm_b_state": "good"})
+        grubenv.write_block(path, grubenv.render(variables))
+    assert control.read().b.state == "good"
+    release = build_release(rootfs, tmp_path / "pub", chunk_size=256 * 1024)
+    engine = host.engine(release.url, slow=0.002)
+    engine.boot = GrubBootPort(tmp_path / "grubenv", tmp_path / "grubenv.bak", "a")
+    task = asyncio.create_task(engine.check())
+    seen: set[str] = set()
+    while not task.done():
+        await asyncio.sleep(0.01)
+        if engine.phase.value == "downloading":
+            seen.add(control.read().b.state)
+    verdict = await task
+    assert verdict.code == "staged", verdict.message
+    assert seen == {"bad"}
+    after = control.read()
+    assert (after.order, after.b.state, after.b.tries_left) == (("b", "a"), "trial", 3)

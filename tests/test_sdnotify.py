@@ -7,8 +7,11 @@ set, exactly as systemd starts a ``Type=notify`` unit with ``WatchdogSec=``.
 from __future__ import annotations
 
 import itertools
+import re
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -188,3 +191,56 @@ def test_sigterm_during_the_install_leaves_a_resumable_state(
         # nginx logs a request when it ends: the cut-off first download may come last.
         assert any(r.startswith("bytes=") for r in ranges), server.requests()
         assert daemon.stop() == 0
+
+
+UNIT = Path(__file__).resolve().parents[1] / "organixmd/data/systemd/organixm-update.service"
+
+
+def _unit_for_this_host(tmp_path: Path) -> Path:
+    """The shipped unit with ExecStart pointing at this environment's organixmd."""
+    organixmd = Path(sys.executable).with_name("organixmd")
+    text = UNIT.read_text().replace("/usr/bin/organixmd", str(organixmd))
+    path = tmp_path / "organixm-update.service"
+    path.write_text(text)
+    return path
+
+
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    """organixm-update.service parses cleanly in systemd (systemd-analyze verify)."""
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(_unit_for_this_host(tmp_path))],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stderr == ""
+
+
+def test_unit_is_notify_with_watchdog_and_narrow_sandbox(tmp_path: Path) -> None:
+    """The unit is Type=notify with a watchdog, may write only /boot and the two slots,
+    and systemd rates its exposure 'OK' (below 4.0)."""
+    text = UNIT.read_text()
+    for line in (
+        "Type=notify",
+        "WatchdogSec=2min",
+        "TimeoutStartSec=1h",
+        "ProtectSystem=strict",
+        "ReadWritePaths=-/boot",
+        "DevicePolicy=closed",
+        "DeviceAllow=/dev/disk/by-partlabel/organixm-a rw",
+        "DeviceAllow=/dev/disk/by-partlabel/organixm-b rw",
+        "RuntimeDirectory=organixm",
+        "StateDirectory=organixm",
+    ):
+        assert f"\n{line}\n" in text, line
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", str(_unit_for_this_host(tmp_path))],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+) (\w+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) < 4.0
+    assert match.group(2) == "OK"

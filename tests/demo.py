@@ -10,6 +10,7 @@ Work files go to ``demo-run/`` in the checkout (removed at the next run).
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -43,6 +44,42 @@ def run(*args: str | Path, env: dict[str, str] | None = None, check: bool = True
     return result.returncode
 
 
+def publish(image: Path, version: str, serial: int, endpoint: str, env: dict[str, str]) -> None:
+    run(
+        BIN / "organixctl",
+        "publish",
+        image,
+        "--to",
+        "s3://fleet/releases/kiosk",
+        "--endpoint",
+        endpoint,
+        "--version",
+        version,
+        "--serial",
+        str(serial),
+        "--secret-key",
+        RUN / "release.key",
+        env=env,
+    )
+
+
+def wait_ready(daemon: subprocess.Popen[bytes], socket_path: Path, env: dict[str, str]) -> None:
+    """Wait until the daemon answers and its boot-time check has finished (READY)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if daemon.poll() is not None:
+            break
+        if socket_path.exists():
+            answer = subprocess.run(
+                [BIN / "organixctl", "status", "--json"], env=env, capture_output=True, check=False
+            )
+            if answer.stdout and json.loads(answer.stdout)["daemon"]["ready"]:
+                return
+        time.sleep(0.2)
+    print((RUN / "organixmd.log").read_text())
+    raise SystemExit("demo: organixmd did not become ready")
+
+
 def main() -> int:
     if RUN.exists():
         shutil.rmtree(RUN)
@@ -54,9 +91,13 @@ def main() -> int:
     try:
         import boto3
 
-        boto3.client("s3", endpoint_url=moto.endpoint, region_name="us-east-1").create_bucket(
-            Bucket="fleet"
-        )
+        boto3.client(
+            "s3",
+            endpoint_url=moto.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        ).create_bucket(Bucket="fleet")
         print(f"S3 endpoint {moto.endpoint}, bucket 'fleet'")
 
         say("Build two root filesystem images with mkfs.ext4 -d (releases 1.0 and 2.0)")
@@ -64,7 +105,7 @@ def main() -> int:
         second = make_ext4_image(RUN / "root-2.0.img", 64 * MiB, payload_bytes=40 * MiB, seed=2)
         print(f"{first.name}, {second.name}: 64 MiB ext4 each")
 
-        say("Operator: make a signing key and publish release 2.0")
+        say("Operator: make a signing key and publish release 1.0")
         run(
             BIN / "organixctl",
             "keygen",
@@ -74,32 +115,7 @@ def main() -> int:
             RUN / "release.pub",
             "--no-password",
         )
-        run(
-            BIN / "organixctl",
-            "publish",
-            second,
-            "--to",
-            "s3://fleet/releases/kiosk",
-            "--endpoint",
-            moto.endpoint,
-            "--version",
-            "2.0",
-            "--serial",
-            "2",
-            "--secret-key",
-            RUN / "release.key",
-            env=env,
-        )
-        run(
-            BIN / "organixctl",
-            "verify",
-            "s3://fleet/releases/kiosk.meta",
-            "--endpoint",
-            moto.endpoint,
-            "--pubkey",
-            RUN / "release.pub",
-            env=env,
-        )
+        publish(first, "1.0", 1, moto.endpoint, env)
 
         say("Host: slot a runs release 1.0 (committed); slot b is empty")
         host = RUN / "host"
@@ -145,7 +161,7 @@ poll_interval = 3600
         )
         print(config.read_text())
 
-        say("Host: start organixmd (it checks at start, installs into slot b, flips GRUB)")
+        say("Host: start organixmd; its boot-time check finds slot a already runs 1.0")
         print(f"$ organixmd --config {config.relative_to(RUN)} &", flush=True)
         socket_path = host / "control.sock"
         daemon = subprocess.Popen(
@@ -154,14 +170,25 @@ poll_interval = 3600
             stderr=subprocess.STDOUT,
         )
         ctl_env = {**os.environ, "ORGANIXM_SOCKET": str(socket_path)}
-        deadline = time.monotonic() + 60
-        while not socket_path.exists():
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                print((RUN / "organixmd.log").read_text())
-                raise SystemExit("demo: organixmd did not open its control socket")
-            time.sleep(0.1)
+        wait_ready(daemon, socket_path, ctl_env)
+        run(BIN / "organixctl", "status", env=ctl_env, check=False)
+
+        say("Operator: publish release 2.0 and check it as a host would")
+        publish(second, "2.0", 2, moto.endpoint, env)
+        run(
+            BIN / "organixctl",
+            "verify",
+            "s3://fleet/releases/kiosk.meta",
+            "--endpoint",
+            moto.endpoint,
+            "--pubkey",
+            RUN / "release.pub",
+            env=env,
+        )
+
+        say("Admin: update now (the daemon would also find it at its next poll)")
         code = run(BIN / "organixctl", "update", "--wait", env=ctl_env, check=False)
-        print(f"(exit code {code}: 0 up to date, 1 update staged or available)")
+        print(f"(exit code {code}: 1 means an update is staged and waits for a reboot)")
 
         say("Admin: what is this host doing, and why?")
         run(BIN / "organixctl", "status", env=ctl_env, check=False)

@@ -464,7 +464,6 @@ def main() -> int:
         print(f"  {item.name:<10} {rss[item.name] / 1024:6.1f} MiB   ({rate_text})")
 
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (on {os.cpu_count()} CPUs)")
-    print(f"load average at the end: {os.getloadavg()[0]:.1f} (on {os.cpu_count()} CPUs)")
     print("against the targets:")
 
     def ratio(name: str, value: float, target: float, higher: bool = True) -> None:

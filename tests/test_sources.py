@@ -354,3 +354,22 @@ def test_unchanged_meta_polls_conditionally(
     assert [(r.path, r.status) for r in polled] == [("/fleet/host.meta", 304)]
     assert polled[0].if_none_match == host.state()["meta_etag"]
     assert not any("/images/" in r.path for r in nginx.requests())
+
+
+def test_unchanged_meta_on_s3_answers_not_modified(
+    tmp_path: Path, moto: MotoServer, s3_bucket: str, published: BuiltRelease
+) -> None:
+    """On S3 too, an unchanged meta is a conditional GET answered 'not modified'."""
+    upload_tree(moto.endpoint, s3_bucket, published.directory, "fleet")
+    host = CliHost(tmp_path / "host")
+    host.slot_a.write_bytes(published.image_path.read_bytes())
+    host.write_config(f"s3://{s3_bucket}/fleet/host", f's3_endpoint = "{moto.endpoint}"')
+    first = host.run_once(env=moto.credentials_env())
+    assert first.stdout.startswith("up-to-date: slot a runs"), first.stdout + first.stderr
+    etag = host.state()["meta_etag"]
+    head = s3_client(moto.endpoint).head_object(Bucket=s3_bucket, Key="fleet/host.meta")
+    assert etag == head["ETag"]
+    second = host.run_once(env=moto.credentials_env())
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert second.stdout.startswith("up-to-date: meta unchanged: slot a runs")
+    assert host.state()["meta_etag"] == etag

@@ -64,7 +64,13 @@ def daemon(host: Host) -> Iterator[DaemonProcess]:
 
 def publish(host: Host, image: Path, version: str, serial: int) -> None:
     """Publish a newer release where the host looks (replaces the meta last)."""
-    build_release(image, host.root.parent / "pub", version=version, serial=serial)
+    meta = host.root.parent / "pub" / "host.meta"
+    before = meta.stat().st_mtime
+    build_release(image, meta.parent, version=version, serial=serial)
+    # nginx's ETag is the mtime in seconds and the size: a meta of the same size
+    # replaced within the same second would look unchanged to a conditional GET.
+    if int(meta.stat().st_mtime) <= int(before):
+        os.utime(meta, (before + 2, before + 2))
 
 
 def wait_for(host: Host, predicate: str, timeout: float = 30.0) -> dict[str, object]:

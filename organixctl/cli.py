@@ -45,24 +45,34 @@ COMMANDS: list[tuple[str, str, str]] = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; with ``only``, other commands get no options (nor module import).
+
+    ``organixctl status`` must start fast: importing every command module and
+    building every option costs more than half of its start-up.
+    """
     parser = argparse.ArgumentParser(
         prog="organixctl",
         description="Publish releases for, and control, organixm self-updating hosts.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name, help_text in COMMANDS:
-        module = cast(_Command, importlib.import_module(module_name))
         command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if only is not None and name != only:
+            continue
+        module = cast(_Command, importlib.import_module(module_name))
         module.add_arguments(command_parser)
         command_parser.set_defaults(_module=module)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    # The command is the first word (organixctl has no options before it).
+    first = words[0] if words else None
+    parser = build_parser(first if first in {name for name, _, _ in COMMANDS} else None)
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(words)
     except SystemExit as exc:
         return Exit.USAGE if exc.code not in (0, None) else Exit.OK
     module = cast(_Command, args._module)

@@ -12,6 +12,7 @@ import json
 import os
 import pty
 import queue
+import re
 import select
 import signal
 import statistics
@@ -345,6 +346,33 @@ def test_cancel_stops_the_install_and_the_next_update_resumes(
         daemon.stop()
 
 
+def test_update_reboot_runs_the_reboot_command(tmp_path: Path, images: list[Path]) -> None:
+    """update --wait --reboot stages the release and then runs the reboot command at once
+    (the reboot policy is 'never')."""
+    release = build_release(images[0], tmp_path / "pub", version="1.0", serial=1)
+    marker = tmp_path / "rebooted"
+    host = prepare_host(
+        tmp_path / "host",
+        release.url,
+        installed=images[0],
+        reboot_command=("touch", str(marker)),
+    )
+    try:
+        with DaemonProcess(host).start() as daemon:
+            publish(host, images[1], "2.0", 2)
+            result = organixctl("update", "--wait", "--reboot", socket_path=host.socket)
+            assert result.returncode == 1, result.stdout + result.stderr
+            assert "staged: 2.0 (serial 2)" in result.stdout
+            deadline = time.monotonic() + 10
+            while not marker.exists():
+                assert time.monotonic() < deadline, "the reboot command did not run"
+                time.sleep(0.05)
+            assert host.boot_state().next_slot == "b"
+            assert daemon.stop() == 0
+    finally:
+        host.cleanup()
+
+
 # ---------------------------------------------------------------------------- boot commands
 
 
@@ -540,6 +568,42 @@ def test_completion_scripts_complete_commands_and_options() -> None:
         assert f"'{name}:" in zsh.stdout
         assert f"        {name}) _arguments" in zsh.stdout
     assert "'--wait[follow the install with a progress display" in zsh.stdout
+
+
+ZSH_PROBE = r"""
+zmodload zsh/zpty
+zpty z zsh -f -i
+zpty -w z 'PS1="%% "; fpath=(DIR $fpath); autoload -Uz compinit; compinit -u -d DIR/dump'
+zpty -w z 'bindkey "^I" list-choices; echo READY-1'
+zpty -r z out '*READY-1*'
+zpty -w -n z $'organixctl mark-\t'
+zpty -r z out '*mark-good*'
+print -r -- "$out"
+zpty -w -n z $'\C-u organixctl update --w\t'
+zpty -r z out '*--wait*'
+print -r -- "$out"
+zpty -d z
+"""
+
+
+def test_zsh_completion_in_a_real_zsh(tmp_path: Path) -> None:
+    """In an interactive zsh (driven through zpty) the script lists commands with their
+    descriptions and a command's options."""
+    script = organixctl("completion", "zsh")
+    assert script.returncode == 0
+    (tmp_path / "_organixctl").write_text(script.stdout)
+    syntax = subprocess.run(["zsh", "-n", str(tmp_path / "_organixctl")], check=False)
+    assert syntax.returncode == 0
+    probe = tmp_path / "probe.zsh"
+    probe.write_text(ZSH_PROBE.replace("DIR", str(tmp_path)))
+    result = subprocess.run(
+        ["zsh", "-f", str(probe)], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\r", "", result.stdout)
+    assert re.search(r"mark-bad\s+-- mark the booted slot bad and remember its release", plain)
+    assert re.search(r"mark-good\s+-- commit the booted slot after a good boot", plain)
+    assert "\n--wait" in plain
 
 
 def test_daemon_commands_import_only_the_standard_library() -> None:

@@ -82,7 +82,9 @@ class Host:
         self.cmdline.write_text(f"BOOT_IMAGE=/vmlinuz ro organixm.slot={decision.slot}\n")
         return decision
 
-    def write_config(self, url: str, **daemon: Any) -> None:
+    def write_config(
+        self, url: str, *, reboot_command: tuple[str, ...] = ("true",), **daemon: Any
+    ) -> None:
         """(Re)write the daemon's configuration; ``daemon`` overrides ``[daemon]`` keys."""
         settings = {
             "state_dir": str(self.state_dir),
@@ -104,7 +106,7 @@ class Host:
             f"cmdline = {json.dumps(str(self.cmdline))}",
             "[boot]",
             f"grubenv = {json.dumps(str(self.grubenv))}",
-            'reboot_command = ["true"]',
+            f"reboot_command = {json.dumps(list(reboot_command))}",
             "[install]",
             "checkpoint_interval = 0.2",
             "[daemon]",
@@ -116,7 +118,14 @@ class Host:
         shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 
-def prepare_host(root: Path, url: str, *, installed: Path | None = None, **daemon: Any) -> Host:
+def prepare_host(
+    root: Path,
+    url: str,
+    *,
+    installed: Path | None = None,
+    reboot_command: tuple[str, ...] = ("true",),
+    **daemon: Any,
+) -> Host:
     """A host booted from slot a, committed; slot a holds ``installed`` (an image) if given."""
     root.mkdir(parents=True, exist_ok=True)
     socket_dir = Path(tempfile.mkdtemp(prefix="oxm-", dir="/tmp"))
@@ -141,7 +150,7 @@ def prepare_host(root: Path, url: str, *, installed: Path | None = None, **daemo
     (root / "machine-id").write_text("0123456789abcdef0123456789abcdef\n")
     host.cmdline.write_text("BOOT_IMAGE=/vmlinuz ro organixm.slot=a\n")
     host.boot_control().initialize("a")
-    host.write_config(url, **daemon)
+    host.write_config(url, reboot_command=reboot_command, **daemon)
     return host
 
 

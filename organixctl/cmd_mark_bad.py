@@ -1,5 +1,8 @@
 """``organixctl mark-bad``: the booted slot failed; mark it bad and remember its release.
 
+Only a slot on trial is failed (a unit failing on a committed system does not
+demote the known-good slot); ``--force`` demotes a committed slot too.
+
 The release is never installed again (until a newer serial or ``update --force``);
 the daemon reboots into the other slot if its reboot policy allows.
 ``organixm-mark-bad.service`` runs it when a success unit fails.
@@ -26,13 +29,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="why (kept with the failed release, shown by status and history; "
         "at most 200 characters)",
     )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="also demote a committed (good) slot; without it only a slot on trial is failed",
+    )
     add_json_argument(parser)
     add_socket_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     def body(client: Client) -> int:
-        answer = client.post("/v1/mark-bad", {"reason": args.reason})
+        answer = client.post("/v1/mark-bad", {"reason": args.reason, "force": args.force})
         if args.json:
             print_raw(answer)
         else:

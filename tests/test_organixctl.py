@@ -468,6 +468,22 @@ def test_after_mark_bad_and_reboot_the_release_is_blocked(host: Host, images: li
         assert "[release-failed-before]" in check.stdout
 
 
+def test_mark_bad_refuses_a_committed_slot_unless_forced(daemon: DaemonProcess, host: Host) -> None:
+    """mark-bad on the committed booted slot is refused (exit 2, policy-refused) and
+    changes nothing; --force demotes it."""
+    refused = organixctl("mark-bad", socket_path=host.socket)
+    assert refused.returncode == 2
+    assert "not on trial; refusing to mark the running committed system bad" in refused.stderr
+    assert refused.stderr.rstrip().endswith("[policy-refused]")
+    assert host.boot_state().a.state == "good"
+    forced = organixctl("mark-bad", "--force", "--reason", "disk errors", socket_path=host.socket)
+    assert forced.returncode == 0, forced.stderr
+    assert forced.stdout.startswith("slot a is marked bad")
+    assert host.boot_state().a.state == "bad"
+    history = json.loads(organixctl("history", "--json", socket_path=host.socket).stdout)
+    assert history["failed"][0]["reason"] == "disk errors"
+
+
 def test_rollback_refused_without_a_committed_other_slot(daemon: DaemonProcess, host: Host) -> None:
     """rollback when the other slot is not good: problem printed with its code, exit 2."""
     result = organixctl("rollback", socket_path=host.socket)

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -34,10 +35,16 @@ from tests.support.releases import build_release
 
 
 @pytest.fixture(scope="module")
-def api_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real ext4 root image (release 1.0)."""
+    (built,) = make_images(tmp_path_factory.mktemp("images"), 1)
+    return built
+
+
+@pytest.fixture(scope="module")
+def api_host(tmp_path_factory: pytest.TempPathFactory, image: Path) -> Iterator[Host]:
     """An up-to-date host (slot a holds release 1.0) whose socket group is ``nogroup``."""
     root = tmp_path_factory.mktemp("api")
-    (image,) = make_images(root / "images", 1)
     release = build_release(image, root / "pub", version="1.0", serial=1)
     host = prepare_host(root / "host", release.url, installed=image, socket_group="nogroup")
     daemon = DaemonProcess(host).start()
@@ -304,3 +311,31 @@ def test_admin_requests_during_a_busy_event_stream(api_host: Host) -> None:
     assert results
     assert results[0] > 0
     assert elapsed < 5
+
+
+def test_boot_commands_over_raw_http(tmp_path: Path, image: Path) -> None:
+    """mark-good, mark-bad and rollback answer JSON, or a problem when refused."""
+    release = build_release(image, tmp_path / "pub", version="1.0", serial=1)
+    host = prepare_host(tmp_path / "host", release.url, installed=image)
+    try:
+        with DaemonProcess(host).start() as daemon:
+            good = _post(host, "/v1/mark-good")
+            assert good.status == 200
+            assert good.json() == {"committed": "a", "next_slot": "a"}
+            back = _post(host, "/v1/rollback")
+            assert back.status == 409
+            assert back.json()["code"] == "slot-unusable"
+            refused = _post(host, "/v1/mark-bad", {"reason": "testing"})
+            assert refused.status == 409
+            assert refused.json()["code"] == "policy-refused"
+            assert _post(host, "/v1/mark-bad", {"force": "yes"}).status == 400
+            assert host.boot_state().a.state == "good"
+            bad = _post(host, "/v1/mark-bad", {"reason": "testing", "force": True})
+            assert bad.status == 200
+            assert bad.json() == {"marked_bad": "a", "next_slot": None, "rebooting": False}
+            assert host.boot_state().a.state == "bad"
+            failed = _get(host, "/v1/history").json()["failed"]
+            assert [(f["release"]["version"], f["reason"]) for f in failed] == [("1.0", "testing")]
+            assert daemon.stop() == 0
+    finally:
+        host.cleanup()

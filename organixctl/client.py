@@ -263,6 +263,24 @@ def add_socket_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_epilog(parser: argparse.ArgumentParser, exits: dict[int, str]) -> None:
+    """End ``--help`` with the command's exit codes and where the socket is."""
+    codes: dict[int, str] = {
+        Exit.ERROR: "the daemon refused or failed the request (the message ends in [code])",
+        Exit.UNREACHABLE: "the daemon is unreachable",
+        Exit.DENIED: "permission denied: changes need root or the admin group",
+        Exit.USAGE: "usage error",
+    }
+    codes.update(exits)
+    lines = "".join(f"  {code:>2}  {text}\n" for code, text in sorted(codes.items()))
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        f"exit status:\n{lines}\n"
+        f"The socket is --socket PATH, else ${SOCKET_ENV}, else {DEFAULT_SOCKET}.\n"
+        "See docs/operations.md for the API, the verdict codes and troubleshooting."
+    )
+
+
 def add_json_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the API's JSON answer unchanged")
 

@@ -10,6 +10,7 @@ import argparse
 
 from organixctl.client import (
     Client,
+    add_epilog,
     add_json_argument,
     add_socket_argument,
     print_raw,
@@ -28,6 +29,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_json_argument(parser)
     add_socket_argument(parser)
+    add_epilog(
+        parser,
+        {
+            0: "up to date",
+            1: "an update is available or staged",
+            2: "the check was blocked or failed, or the daemon answered an error",
+        },
+    )
 
 
 def run(args: argparse.Namespace) -> int:

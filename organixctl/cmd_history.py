@@ -7,6 +7,7 @@ from typing import Any
 
 from organixctl.client import (
     Client,
+    add_epilog,
     add_json_argument,
     add_socket_argument,
     describe_release,
@@ -28,6 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_json_argument(parser)
     add_socket_argument(parser)
+    add_epilog(
+        parser,
+        {
+            0: "printed",
+        },
+    )
 
 
 def _when(value: Any) -> str:

@@ -14,6 +14,7 @@ import argparse
 
 from organixctl.client import (
     Client,
+    add_epilog,
     add_json_argument,
     add_socket_argument,
     print_raw,
@@ -36,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_json_argument(parser)
     add_socket_argument(parser)
+    add_epilog(
+        parser,
+        {
+            0: "the booted slot is marked bad",
+        },
+    )
 
 
 def run(args: argparse.Namespace) -> int:

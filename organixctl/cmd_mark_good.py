@@ -9,6 +9,7 @@ import argparse
 
 from organixctl.client import (
     Client,
+    add_epilog,
     add_json_argument,
     add_socket_argument,
     print_raw,
@@ -20,6 +21,12 @@ from organixctl.exitcodes import Exit
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_json_argument(parser)
     add_socket_argument(parser)
+    add_epilog(
+        parser,
+        {
+            0: "the booted slot is committed (or already was)",
+        },
+    )
 
 
 def run(args: argparse.Namespace) -> int:

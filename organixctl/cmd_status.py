@@ -13,6 +13,7 @@ from typing import Any
 
 from organixctl.client import (
     Client,
+    add_epilog,
     add_json_argument,
     add_socket_argument,
     describe_progress,
@@ -27,6 +28,14 @@ from organixctl.client import (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_json_argument(parser)
     add_socket_argument(parser)
+    add_epilog(
+        parser,
+        {
+            0: "the last check found the host up to date (or none ran yet)",
+            1: "an update is available, being installed or staged (reboot to boot it)",
+            2: "the last check was blocked or failed, or the daemon answered an error",
+        },
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from typing import Any, TextIO
 from organixctl.client import (
     Client,
     ClientError,
+    add_epilog,
     add_json_argument,
     add_socket_argument,
     describe_progress,
@@ -51,6 +52,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_json_argument(parser)
     add_socket_argument(parser)
+    add_epilog(
+        parser,
+        {
+            0: "started (without --wait), or up to date",
+            1: "with --wait: staged (reboot to boot it on trial), or available but waiting",
+            2: "blocked or failed, one is already running [busy], or another error",
+        },
+    )
 
 
 def print_verdict(verdict: dict[str, Any], stream: TextIO | None = None) -> None:

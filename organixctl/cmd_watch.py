@@ -12,6 +12,7 @@ import sys
 from organixctl.client import (
     Client,
     ClientError,
+    add_epilog,
     add_json_argument,
     add_socket_argument,
     run_with_client,
@@ -23,6 +24,13 @@ from organixctl.exitcodes import Exit
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_json_argument(parser)
     add_socket_argument(parser)
+    add_epilog(
+        parser,
+        {
+            0: "interrupted with Ctrl-C",
+            3: "the daemon is unreachable, or it stopped",
+        },
+    )
 
 
 def run(args: argparse.Namespace) -> int:

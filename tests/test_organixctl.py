@@ -175,6 +175,8 @@ def test_help_lists_every_daemon_command(capsys: pytest.CaptureFixture[str]) -> 
     assert "--reboot" in update_help
     assert "--force" in update_help
     assert "ORGANIXM_SOCKET" in update_help
+    assert "exit status:\n   0  started (without --wait), or up to date\n" in update_help
+    assert "   4  permission denied: changes need root or the admin group\n" in update_help
 
 
 def test_check_exit_codes_follow_the_verdict(

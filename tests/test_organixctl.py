@@ -199,6 +199,23 @@ def test_check_exit_codes_follow_the_verdict(
     assert host.boot_state().b.state == "bad"  # a check installs nothing
 
 
+def test_update_wait_when_up_to_date_exits_0(daemon: DaemonProcess, host: Host) -> None:
+    """update --wait with nothing new: the check's phases, the verdict, exit 0; --json
+    prints the events as NDJSON ending with the verdict."""
+    result = organixctl("update", "--wait", socket_path=host.socket)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "phase: checking"
+    assert lines[-1].startswith("up-to-date: ")
+    assert lines[-1].endswith("[up-to-date]")
+    as_json = organixctl("update", "--wait", "--json", socket_path=host.socket)
+    assert as_json.returncode == 0
+    events = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert events[0] == {"event": "phase", "at": events[0]["at"], "phase": "checking"}
+    assert events[-1]["event"] == "verdict"
+    assert events[-1]["outcome"] == "up-to-date"
+
+
 def test_history_human_and_json(daemon: DaemonProcess, host: Host) -> None:
     """history: one line per event; --json is the API's answer; -n limits the lines."""
     result = organixctl("history", socket_path=host.socket)

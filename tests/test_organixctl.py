@@ -231,11 +231,15 @@ def test_history_human_and_json(daemon: DaemonProcess, host: Host) -> None:
 
 
 @pytest.fixture
-def slow_host(tmp_path: Path, images: list[Path]) -> Iterator[tuple[Host, Nginx]]:
-    """A host on release 1.0 whose release directory is served by nginx at 2 MiB/s."""
+def slow_host(
+    request: pytest.FixtureRequest, tmp_path: Path, images: list[Path]
+) -> Iterator[tuple[Host, Nginx]]:
+    """A host on release 1.0 whose release directory is served by nginx at 2 MiB/s
+    (or the ``limit_rate`` given by indirect parametrization)."""
     pub = tmp_path / "pub"
     build_release(images[0], pub, version="1.0", serial=1)
-    server = start_nginx(pub, tmp_path / "nginx", limit_rate="2m")
+    rate = getattr(request, "param", "2m")
+    server = start_nginx(pub, tmp_path / "nginx", limit_rate=rate)
     host = prepare_host(tmp_path / "host", f"{server.url}/host", installed=images[0])
     try:
         yield host, server
@@ -329,6 +333,8 @@ def test_update_wait_draws_a_progress_bar_on_a_terminal(
         daemon.stop()
 
 
+# Slower, so that the cancel lands in the download (after the socket buffers' burst).
+@pytest.mark.parametrize("slow_host", ["1m"], indirect=True)
 def test_cancel_stops_the_install_and_the_next_update_resumes(
     slow_host: tuple[Host, Nginx], images: list[Path]
 ) -> None:
@@ -341,6 +347,7 @@ def test_cancel_stops_the_install_and_the_next_update_resumes(
         assert "update started" in started.stdout
         wait_for(host, "progress>3000000")
         time.sleep(0.3)  # let a checkpoint land (checkpoint_interval = 0.2 s)
+        assert request(host.socket, "GET", "/v1/status").json()["phase"] == "downloading"
         cancel = organixctl("cancel", socket_path=host.socket)
         assert cancel.returncode == 0
         assert "cancelled the running operation" in cancel.stdout

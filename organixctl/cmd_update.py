@@ -156,6 +156,13 @@ def follow_update(client: Client, args: argparse.Namespace) -> int:
                     release = describe_release(event.get("release"))
                     print(f"{release} boots on trial at the next reboot", flush=True)
                 return verdict_exit(event.get("outcome"))
+            if event.get("event") == "phase" and event.get("phase") == "idle":
+                # A check ends with its verdict, then its last phase; "idle" with no
+                # verdict before it means the operation was cancelled without one.
+                raise ClientError(
+                    "the update ended without a verdict (was it cancelled?); "
+                    "'organixctl status' shows the state"
+                )
     finally:
         view.close()
     raise ClientError(

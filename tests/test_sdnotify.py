@@ -21,7 +21,14 @@ from typing import Any
 
 import pytest
 
-from tests.support.daemon import DaemonProcess, Host, make_images, prepare_host
+from tests.support.daemon import (
+    DaemonProcess,
+    Host,
+    make_images,
+    organixctl,
+    prepare_host,
+    request,
+)
 from tests.support.nginx import Nginx, start_nginx
 from tests.support.releases import build_release
 from tests.support.s3 import free_port
@@ -154,6 +161,56 @@ def test_ready_after_a_failed_boot_time_check(tmp_path: Path, images: list[Path]
             assert ready.state["last_verdict"]["code"] == "source-unreachable"
             assert daemon.stop() == 0
         assert "STOPPING" in listener.messages[-1].fields
+    finally:
+        listener.close()
+        host.cleanup()
+
+
+@pytest.fixture
+def black_hole() -> Iterator[str]:
+    """A TCP port that accepts connections and never answers: a source stuck mid-check."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/host"
+
+
+def test_cancelled_boot_time_check_still_ends_in_ready(
+    tmp_path: Path, images: list[Path], black_hole: str
+) -> None:
+    """organixctl cancel during the boot-time check (source not answering): READY=1 still
+    comes and the poll loop lives on; an update --wait cancelled before any verdict exits 2
+    instead of waiting forever."""
+    host = prepare_host(tmp_path / "host", black_hole, installed=images[0])
+    listener = NotifyListener(host.socket_dir / "notify", host)
+    try:
+        with DaemonProcess(host, env=_notify_env(host)).start(ready=False) as daemon:
+            deadline = time.monotonic() + 30
+            while request(host.socket, "GET", "/v1/status").json()["phase"] != "checking":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert not listener.with_key("READY")
+            cancel = organixctl("cancel", socket_path=host.socket)
+            assert "cancelled the running operation" in cancel.stdout
+            listener.wait_for("READY", timeout=10)
+            status = daemon.wait_ready(timeout=10)
+            assert status["next_check"] is not None
+            command = [sys.executable, "-m", "organixctl", "update", "--wait"]
+            waiting = subprocess.Popen(
+                [*command, "--socket", str(host.socket)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            while request(host.socket, "GET", "/v1/status").json()["phase"] != "checking":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert organixctl("cancel", socket_path=host.socket).returncode == 0
+            out, err = waiting.communicate(timeout=20)
+            assert waiting.returncode == 2
+            assert out.splitlines() == ["phase: checking", "phase: idle"]
+            assert "the update ended without a verdict (was it cancelled?)" in err
+            assert daemon.stop() == 0
     finally:
         listener.close()
         host.cleanup()

@@ -508,7 +508,8 @@ class Engine:
             source,
             self.slots[target].path,
             buffers=self.config.install.buffers,
-            readback=False,
+            readback=self.config.install.readback,
+            on_verify=lambda: self._set_phase(Phase.VERIFYING),
             on_progress=self._on_progress,
             on_checkpoint=on_checkpoint if release.resumable else None,
             checkpoint_interval=self.config.install.checkpoint_interval,
@@ -533,14 +534,6 @@ class Engine:
                 f"install of {release.describe()} into slot {target} cancelled by an admin; "
                 "the next check resumes it"
             ) from None
-        if self.config.install.readback:
-            self._set_phase(Phase.VERIFYING)
-            try:
-                await installer.verify_on_device()
-            except OrganixmError:
-                self.state.progress = None
-                await self.persist()
-                raise
         self.state.progress = None
         self.state.slots[target] = SlotRecord(release=ref, status="verified", at=utcnow())
         self.state.record(

@@ -77,6 +77,16 @@ ProgressCallback = Callable[[Progress], None]
 CheckpointCallback = Callable[[int, str | None], Awaitable[None]]
 
 
+class _NoHash:
+    """Stands in for the whole-image hash when the read-back computes it instead."""
+
+    def update(self, data: memoryview) -> None:
+        return None
+
+    def hexdigest(self) -> str:
+        return ""
+
+
 class _Aborted(Exception):
     """A stage stopped because another stage failed or the install was cancelled."""
 
@@ -192,6 +202,7 @@ class Installer:
         on_checkpoint: CheckpointCallback | None = None,
         checkpoint_interval: float = CHECKPOINT_INTERVAL,
         slot_offset: int = 0,
+        on_verify: Callable[[], None] | None = None,
     ) -> None:
         self.release = release
         self.source = source
@@ -203,6 +214,10 @@ class Installer:
         self.checkpoint_interval = checkpoint_interval
         #: Where the slot starts inside ``slot_path`` (a partition of a whole-disk image).
         self.slot_offset = slot_offset
+        #: Called when the read-back starts (the engine shows the phase "verifying").
+        self.on_verify = on_verify
+        #: Seconds the stream took (without the read-back), set by :meth:`run`.
+        self.stream_seconds = 0.0
         self._failure: BaseException | None = None
         self._chunks_done = 0
         self._bytes_done = 0
@@ -235,8 +250,14 @@ class Installer:
             raise SlotError(
                 f"cannot open slot {self.slot_path} for writing: {exc.strerror}"
             ) from exc
+        # The whole image is hashed exactly once: by the read-back from the device
+        # when there is one (it is the check that counts, invariant 2), otherwise
+        # here in the stream. Chunks are always checked as they arrive.
+        stream_hash = not (
+            self.readback and self.slot_path is not None and self.release.image is not None
+        )
         try:
-            hasher = await self._seed_hash(start_chunk)
+            hasher = await self._seed_hash(start_chunk) if stream_hash else _NoHash()
             if self.release.image is not None:
                 etag = await self._run_chunked(writer, hasher, start_chunk, etag)
             else:
@@ -246,24 +267,30 @@ class Installer:
             raise SlotError(f"writing slot {self.slot_path} failed: {exc.strerror}") from exc
         finally:
             await asyncio.to_thread(writer.close)
-        streamed = hasher.hexdigest()
-        if streamed != self.release.sha256:
+        self.stream_seconds = time.monotonic() - self._started
+        digest = hasher.hexdigest() if stream_hash else ""
+        if stream_hash and digest != self.release.sha256:
             raise ImageMismatch(
-                f"image {self.source.image_url(self.release)}: SHA-256 {streamed} of the streamed "
+                f"image {self.source.image_url(self.release)}: SHA-256 {digest} of the streamed "
                 f"image differs from the meta's {self.release.sha256}"
             )
         if self.readback and self.slot_path is not None:
-            await self.verify_on_device()
+            if self.on_verify is not None:
+                self.on_verify()
+            digest = await self.verify_on_device()
         return InstallResult(
-            sha256=streamed,
+            sha256=digest,
             etag=etag,
             downloaded=self._downloaded,
             seconds=time.monotonic() - self._started,
             resumed_from=start_chunk,
         )
 
-    async def verify_on_device(self) -> None:
-        """Read the slot back with O_DIRECT and compare with the meta (invariant 2)."""
+    async def verify_on_device(self) -> str:
+        """Read the slot back with O_DIRECT and compare with the meta (invariant 2).
+
+        Returns the verified SHA-256; raises ImageMismatch if it differs.
+        """
         if self.slot_path is None:
             raise SlotError("verify_on_device needs a slot; this installer only verifies a stream")
         try:
@@ -278,6 +305,7 @@ class Installer:
                 f"not the meta's {self.release.sha256}",
                 hint="the device may be failing; the slot is not marked bootable",
             )
+        return digest.hexdigest()
 
     # ------------------------------------------------------------------ internals
 

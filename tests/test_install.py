@@ -15,7 +15,7 @@ import zstandard
 
 from organixmd.config import parse_config
 from organixmd.engine import Engine, load_public_keys
-from organixmd.errors import ImageError
+from organixmd.errors import ImageError, ImageMismatch
 from organixmd.meta import Release, parse_meta
 from organixmd.minisign import SecretKey
 from organixmd.pipeline import Installer
@@ -379,3 +379,25 @@ async def test_target_marked_bad_while_written_then_flipped(tmp_path: Path, root
     assert seen == {"bad"}
     after = control.read()
     assert (after.order, after.b.state, after.b.tries_left) == (("b", "a"), "trial", 3)
+
+
+async def test_readback_catches_what_the_device_lost(tmp_path: Path, rootfs: Path) -> None:
+    """Data that differs on the device after the stream (a lost write) fails the read-back."""
+    release = build_release(rootfs, tmp_path / "pub")
+    meta = parse_meta(release.meta_path.read_bytes())
+    slot = tmp_path / "slot.img"
+    slot.write_bytes(bytes(48 * MiB))
+
+    def lose_a_write() -> None:
+        # The fault a failing device produces: a block that never reached the medium.
+        with open(slot, "r+b") as handle:
+            handle.seek(3 * MiB)
+            handle.write(b"\xa5" * 4096)
+            os.fsync(handle.fileno())
+
+    installer = Installer(meta, FileSource(release.url, 5), slot, on_verify=lose_a_write)
+    with pytest.raises(ImageMismatch, match="read back"):
+        await installer.run()
+    # Without the fault the same install verifies, and reports the device's hash.
+    result = await Installer(meta, FileSource(release.url, 5), slot).run()
+    assert result.sha256 == meta.sha256

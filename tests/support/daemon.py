@@ -32,6 +32,7 @@ from typing import Any
 
 from organixmd import grubenv
 from organixmd.boot import BootControl, BootState, Decision, env_from_state, predict_boot
+from tests.support.nginx import Nginx
 
 REPO = Path(__file__).resolve().parents[2]
 SLOT_SIZE = 48 * 1024 * 1024
@@ -347,3 +348,17 @@ def make_images(directory: Path, count: int) -> list[Path]:
         make_ext4_image(directory / f"root-{n}.img", IMAGE_SIZE, payload_bytes=PAYLOAD, seed=n)
         for n in range(1, count + 1)
     ]
+
+
+def ranged_image_requests(server: Nginx, timeout: float = 10.0) -> list[str]:
+    """The ``Range`` headers of image downloads nginx has logged, once one is ranged.
+
+    nginx logs a request when it ends, which may be a moment after the client has
+    all the bytes (or, for a download the client cut off, much later).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        ranges = [r.range for r in server.requests() if r.path.startswith("/images/")]
+        if any(r.startswith("bytes=") for r in ranges) or time.monotonic() > deadline:
+            return ranges
+        time.sleep(0.05)

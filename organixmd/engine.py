@@ -114,6 +114,8 @@ class Counters:
     bytes_downloaded: int = 0
     installs: int = 0
     last_install_seconds: float | None = None
+    #: Of the last install: the stream alone, before the read-back.
+    last_stream_seconds: float | None = None
 
 
 def release_ref(release: Release) -> ReleaseRef:
@@ -545,9 +547,11 @@ class Engine:
         self.counters.installs += 1
         self.counters.bytes_downloaded += result.downloaded
         self.counters.last_install_seconds = result.seconds
+        self.counters.last_stream_seconds = result.stream_seconds
         log.info(
             "install_done",
             seconds=round(result.seconds, 2),
+            stream_seconds=round(result.stream_seconds, 2),
             downloaded=result.downloaded,
             resumed_from=result.resumed_from,
             readback=self.config.install.readback,

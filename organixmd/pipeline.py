@@ -69,8 +69,11 @@ class InstallResult:
     sha256: str
     etag: str | None
     downloaded: int
+    #: The whole install, read-back included.
     seconds: float
     resumed_from: int
+    #: The stream alone: download, chunk checks and writes, before the read-back.
+    stream_seconds: float = 0.0
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -284,6 +287,7 @@ class Installer:
             downloaded=self._downloaded,
             seconds=time.monotonic() - self._started,
             resumed_from=start_chunk,
+            stream_seconds=self.stream_seconds,
         )
 
     async def verify_on_device(self) -> str:

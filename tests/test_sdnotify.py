@@ -94,11 +94,11 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 @pytest.fixture
 def slow_host(tmp_path: Path, images: list[Path]) -> Iterator[tuple[Host, Nginx]]:
-    """A host on release 1.0 with 2.0 published behind nginx at ``limit_rate 3m``."""
+    """A host on release 1.0 with 2.0 published behind nginx at ``limit_rate 2m``."""
     pub = tmp_path / "pub"
     build_release(images[0], pub, version="1.0", serial=1)
     build_release(images[1], pub, version="2.0", serial=2)
-    server = start_nginx(pub, tmp_path / "nginx", limit_rate="3m")
+    server = start_nginx(pub, tmp_path / "nginx", limit_rate="2m")
     host = prepare_host(tmp_path / "host", f"{server.url}/host", installed=images[0])
     try:
         yield host, server

@@ -66,6 +66,11 @@ def explain(state: BootState | None, booted: SlotName | None) -> BootReport:
         "was unusable",
         "last-resort": f"slot {booted} booted as the last resort: no slot was marked usable",
     }
+    if reason == "trial" and not on_trial:
+        texts["trial"] = (
+            f"slot {booted} booted on trial (try {state.trial_try or '?'}) and is now "
+            f"{state.slot(booted).state}"
+        )
     explanation = texts.get(reason or "", f"slot {booted} booted ({reason or 'no GRUB record'})")
     if on_trial and reason != "trial":
         explanation += "; it is still on trial"
@@ -195,10 +200,18 @@ class BootManager:
             return state
 
     async def rollback(self) -> BootState:
-        """Boot the other (committed) slot next."""
+        """Boot the other (committed) slot next, and keep the running release from coming back.
+
+        The running slot stays good (it is the fallback), but its release is
+        remembered as rolled back: the daemon will not install it again after the
+        reboot (until a newer serial is published or an admin forces it).
+        """
         booted = self._require_booted()
         async with self._lock:
             state = await asyncio.to_thread(self.port.control.rollback)
+            record = self.engine.state.slots.get(booted)
+            if record is not None and self.engine.state.has_failed(record.release) is None:
+                await self.engine.record_failed(booted, "rolled back by an admin", event=None)
             self.engine.state.record("rollback", slot=other(booted))
             await self.engine.persist()
             self.log.info("rollback", next_slot=other(booted))

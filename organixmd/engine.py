@@ -247,6 +247,12 @@ class Engine:
         self._emit("verdict", **verdict.model_dump(mode="json"))
         return verdict
 
+    async def _fail(self, exc: OrganixmError) -> Verdict:
+        self.last_error = exc
+        self._set_phase(Phase.ERROR)
+        outcome = "blocked" if isinstance(exc, PolicyError | SignatureError) else "error"
+        return await self._conclude(self._verdict(outcome, exc.code, str(exc), self.current))
+
     @staticmethod
     def _verdict(
         outcome: Any, code: str, message: str, release: ReleaseRef | None = None
@@ -271,15 +277,26 @@ class Engine:
             try:
                 verdict = await self._check(install=install, force=force)
             except asyncio.CancelledError:
-                self._set_phase(Phase.IDLE)
-                self.progress = None
-                raise
+                task = asyncio.current_task()
+                if not self._cancel_requested or task is None:
+                    # Shutdown: a running install saved its checkpoint; the next start resumes.
+                    self._set_phase(Phase.IDLE)
+                    self.progress = None
+                    raise
+                # An admin's cancel ends this check (at any phase), not the daemon.
+                task.uncancel()
+                what = self.current.version if self.current else "the check"
+                return await self._fail(
+                    Cancelled(f"{what}: cancelled by an admin; the next check resumes")
+                )
             except OrganixmError as exc:
-                self.last_error = exc
-                self._set_phase(Phase.ERROR)
-                outcome = "blocked" if isinstance(exc, PolicyError | SignatureError) else "error"
-                return await self._conclude(
-                    self._verdict(outcome, exc.code, str(exc), self.current)
+                return await self._fail(exc)
+            except Exception as exc:
+                # A bug, not an outcome: log it with its traceback and still end the
+                # check with a verdict, so status and waiting clients learn of it.
+                self.log.exception("check_crashed")
+                return await self._fail(
+                    OrganixmError(f"internal error during the check: {type(exc).__name__}: {exc}")
                 )
             finally:
                 self.progress = None
@@ -386,6 +403,17 @@ class Engine:
                 f"slot {booted} runs {release.describe()}, the published release",
                 ref,
             )
+        failed = self.state.has_failed(ref)
+        if failed is not None and not force:
+            return self._verdict(
+                "blocked",
+                "release-failed-before",
+                f"{release.describe()} is remembered as failed since "
+                f"{failed.at:%Y-%m-%d %H:%M} UTC ({failed.reason}); not installing it again "
+                "until a newer serial is published or an admin forces it "
+                "(organixctl update --force)",
+                ref,
+            )
         target = other(booted)
         staged = self.state.slots.get(target)
         if (
@@ -398,16 +426,6 @@ class Engine:
                 staged.status,
                 f"{release.describe()} is {staged.status} in slot {target}"
                 + ("; it boots on trial at the next reboot" if staged.status == "staged" else ""),
-                ref,
-            )
-        failed = self.state.has_failed(ref)
-        if failed is not None and not force:
-            return self._verdict(
-                "blocked",
-                "release-failed-before",
-                f"{release.describe()} failed its trial boot on {failed.at:%Y-%m-%d %H:%M} "
-                f"({failed.reason}); not installing it again until a newer serial is published "
-                "or an admin forces it (organixctl update --force)",
                 ref,
             )
         if (
@@ -526,16 +544,6 @@ class Engine:
             self.state.progress = None
             await self.persist()
             raise
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if not self._cancel_requested or task is None:
-                raise  # shutdown: the checkpoint is saved, the next start resumes
-            # An admin's cancel ends this install, not the daemon.
-            task.uncancel()
-            raise Cancelled(
-                f"install of {release.describe()} into slot {target} cancelled by an admin; "
-                "the next check resumes it"
-            ) from None
         self.state.progress = None
         self.state.slots[target] = SlotRecord(release=ref, status="verified", at=utcnow())
         self.state.record(
@@ -606,7 +614,9 @@ class Engine:
 
     # ------------------------------------------------------------------ after boot
 
-    async def record_failed(self, slot: SlotName, reason: str) -> FailedRelease | None:
+    async def record_failed(
+        self, slot: SlotName, reason: str, *, event: str | None = "fell-back"
+    ) -> FailedRelease | None:
         """Remember the release in ``slot`` as failed so it is never installed again."""
         record = self.state.slots.get(slot)
         if record is None:
@@ -614,7 +624,8 @@ class Engine:
         failed = FailedRelease(release=record.release, reason=reason, at=utcnow())
         if self.state.has_failed(record.release) is None:
             self.state.failed.append(failed)
-        self.state.record("fell-back", slot=slot, release=record.release, detail=reason)
+        if event is not None:
+            self.state.record(event, slot=slot, release=record.release, detail=reason)
         await self.persist()
         return failed
 

@@ -28,7 +28,14 @@ class _Writer:
         self.lines.append(f"# HELP {name} {help_text}")
         self.lines.append(f"# TYPE {name} {kind}")
         for labels, value in samples:
-            self.lines.append(f"{name}{labels} {value:g}")
+            self.lines.append(f"{name}{labels} {_number(value)}")
+
+
+def _number(value: float) -> str:
+    """Exact text for counters and timestamps (no 1.79567e+09 rounding)."""
+    if float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))
 
 
 def _timestamp(value: Any) -> float:

@@ -299,6 +299,32 @@ def run_with_client(
         return exc.exit_code
 
 
+def add_action_arguments(parser: argparse.ArgumentParser, done: str) -> None:
+    """The options of a command that POSTs one action: --json, --socket, exit codes."""
+    add_json_argument(parser)
+    add_socket_argument(parser)
+    add_epilog(parser, {Exit.OK: done})
+
+
+def run_action(
+    args: argparse.Namespace,
+    target: str,
+    describe: Callable[[dict[str, Any]], str],
+    body: dict[str, Any] | None = None,
+) -> int:
+    """POST ``body`` to ``target``; print the raw answer (--json) or ``describe(answer)``."""
+
+    def call(client: Client) -> int:
+        answer = client.post(target, body)
+        if args.json:
+            print_raw(answer)
+        else:
+            print(describe(answer.json()))
+        return Exit.OK
+
+    return run_with_client(args, call)
+
+
 def print_raw(answer: Answer) -> None:
     """Write the daemon's answer byte for byte (``--json``)."""
     sys.stdout.buffer.write(answer.body)

@@ -3,38 +3,20 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from organixctl.client import (
-    Client,
-    add_epilog,
-    add_json_argument,
-    add_socket_argument,
-    print_raw,
-    run_with_client,
-)
-from organixctl.exitcodes import Exit
+from organixctl.client import add_action_arguments, run_action
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_json_argument(parser)
-    add_socket_argument(parser)
-    add_epilog(
-        parser,
-        {
-            0: "cancelled, or nothing was running",
-        },
-    )
+    add_action_arguments(parser, "cancelled, or nothing was running")
+
+
+def _describe(data: dict[str, Any]) -> str:
+    if data.get("cancelled"):
+        return "cancelled the running operation; the next check resumes an install"
+    return "nothing was running"
 
 
 def run(args: argparse.Namespace) -> int:
-    def body(client: Client) -> int:
-        answer = client.post("/v1/cancel")
-        if args.json:
-            print_raw(answer)
-        elif answer.json().get("cancelled"):
-            print("cancelled the running operation; the next check resumes an install")
-        else:
-            print("nothing was running")
-        return Exit.OK
-
-    return run_with_client(args, body)
+    return run_action(args, "/v1/cancel", _describe)

@@ -6,38 +6,18 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from organixctl.client import (
-    Client,
-    add_epilog,
-    add_json_argument,
-    add_socket_argument,
-    print_raw,
-    run_with_client,
-)
-from organixctl.exitcodes import Exit
+from organixctl.client import add_action_arguments, run_action
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_json_argument(parser)
-    add_socket_argument(parser)
-    add_epilog(
-        parser,
-        {
-            0: "the booted slot is committed (or already was)",
-        },
-    )
+    add_action_arguments(parser, "the booted slot is committed (or already was)")
+
+
+def _describe(data: dict[str, Any]) -> str:
+    return f"slot {data.get('committed')} is committed; next boot: slot {data.get('next_slot')}"
 
 
 def run(args: argparse.Namespace) -> int:
-    def body(client: Client) -> int:
-        answer = client.post("/v1/mark-good")
-        if args.json:
-            print_raw(answer)
-        else:
-            data = answer.json()
-            committed, next_slot = data.get("committed"), data.get("next_slot")
-            print(f"slot {committed} is committed; next boot: slot {next_slot}")
-        return Exit.OK
-
-    return run_with_client(args, body)
+    return run_action(args, "/v1/mark-good", _describe)

@@ -1,42 +1,25 @@
 """``organixctl rollback``: boot the other committed slot at the next reboot.
 
-The running slot stays good, so it remains the fallback. Refused (exit 2) when
-the other slot is not a committed, good slot.
+The running slot stays good, so it remains the fallback; its release is
+remembered as rolled back and not installed again until a newer serial is
+published. Refused (exit 2) when the other slot is not a committed, good slot.
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from organixctl.client import (
-    Client,
-    add_epilog,
-    add_json_argument,
-    add_socket_argument,
-    print_raw,
-    run_with_client,
-)
-from organixctl.exitcodes import Exit
+from organixctl.client import add_action_arguments, run_action
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_json_argument(parser)
-    add_socket_argument(parser)
-    add_epilog(
-        parser,
-        {
-            0: "the other slot boots next",
-        },
-    )
+    add_action_arguments(parser, "the other slot boots next")
+
+
+def _describe(data: dict[str, Any]) -> str:
+    return f"next boot: slot {data.get('next_slot')} (reboot to roll back)"
 
 
 def run(args: argparse.Namespace) -> int:
-    def body(client: Client) -> int:
-        answer = client.post("/v1/rollback")
-        if args.json:
-            print_raw(answer)
-        else:
-            print(f"next boot: slot {answer.json().get('next_slot')} (reboot to roll back)")
-        return Exit.OK
-
-    return run_with_client(args, body)
+    return run_action(args, "/v1/rollback", _describe)

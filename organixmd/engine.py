@@ -78,15 +78,12 @@ class BootPort(Protocol):
 
     def booted_on_trial(self, booted: SlotName) -> bool:
         """Whether the running slot is still on trial (not yet committed)."""
-        ...
 
     def stage(self, target: SlotName, tries: int) -> None:
         """Make ``target`` boot next, on trial with ``tries`` tries. One env write."""
-        ...
 
     def invalidate(self, target: SlotName) -> None:
         """Mark ``target`` bad before it is overwritten (a half-written slot is never good)."""
-        ...
 
 
 @dataclass(frozen=True, slots=True)

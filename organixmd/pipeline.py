@@ -3,9 +3,13 @@
 Three stages overlap::
 
     event loop                 worker thread 1              worker thread 2
-    read frame i from the  →   decompress into an aligned →  whole-image SHA-256,
-    network (bounded by        buffer, check chunk i's       O_DIRECT pwrite at
-    a semaphore)               SHA-256 against the meta      i * chunk_size
+    read frame i from the  →   decompress into an aligned →  check chunk i's SHA-256
+    network (bounded by        buffer (output bounded by     against the meta, then
+    a semaphore)               the buffer)                   O_DIRECT pwrite at
+                                                             i * chunk_size
+
+Thread 2 also feeds the whole-image SHA-256 in order when there is no read-back
+(with a read-back, the device's bytes are hashed instead, once).
 
 Memory is bounded by configuration, not by image size (invariant 6): at most
 ``buffers`` chunks are in flight, each holding one compressed frame and one
@@ -135,15 +139,22 @@ class _Stages:
             self.loop.call_soon_threadsafe(self.on_failure, exc)
 
     def write_stage(self) -> None:
-        """Thread 2: whole-image hash in order, then write. Runs in a worker thread."""
+        """Thread 2: check the chunk's SHA-256, whole-image hash in order, then write.
+
+        The chunk is checked here, before its write, rather than beside the
+        decompression: that splits the CPU work between the two threads.
+        Runs in a worker thread.
+        """
         try:
             while True:
                 item = self.to_write.get()
                 if item is _STOP or self.abort.is_set():
                     return
-                index, offset, buffer, length = item
+                index, offset, buffer, length, check = item
                 view = memoryview(buffer)
                 try:
+                    if check is not None:
+                        check(index, hashlib.sha256(view[:length]).hexdigest())
                     self.hasher.update(view[:length])
                 finally:
                     view.release()
@@ -394,8 +405,17 @@ class Installer:
         )
         where = self.source.image_url(self.release)
 
+        def check_chunk(index: int, digest: str) -> None:
+            if digest != image.chunks[index].sha256:
+                start = index * image.chunk_size
+                raise ChunkMismatch(
+                    f"image {where}: chunk {index} (bytes {start}-"
+                    f"{start + image.chunk_plain_size(index) - 1}) has SHA-256 {digest}, "
+                    f"the meta says {image.chunks[index].sha256}"
+                )
+
         def decompress_stage() -> None:
-            """Thread 1: decompress each frame into a buffer and check its SHA-256."""
+            """Thread 1: decompress each frame into a buffer (bounded: no bombs)."""
             dctx = zstandard.ZstdDecompressor()
             try:
                 while True:
@@ -408,16 +428,11 @@ class Installer:
                     view = memoryview(buffer)
                     try:
                         filled = _decompress_frame(dctx, frame, view, expected, where, index)
-                        digest = hashlib.sha256(view[:filled]).hexdigest()
                     finally:
                         view.release()
-                    if digest != image.chunks[index].sha256:
-                        raise ChunkMismatch(
-                            f"image {where}: chunk {index} (bytes {index * image.chunk_size}-"
-                            f"{index * image.chunk_size + expected - 1}) has SHA-256 {digest}, "
-                            f"the meta says {image.chunks[index].sha256}"
-                        )
-                    stages.to_write.put((index, index * image.chunk_size, buffer, filled))
+                    stages.to_write.put(
+                        (index, index * image.chunk_size, buffer, filled, check_chunk)
+                    )
             except BaseException as exc:
                 stages.fail(exc)
             finally:
@@ -490,7 +505,7 @@ class Installer:
                         if filled == 0:
                             stages.pool.put(buffer)
                             break
-                        stages.to_write.put((index, position, buffer, filled))
+                        stages.to_write.put((index, position, buffer, filled, None))
                         position += filled
                         index += 1
                 if position != size:

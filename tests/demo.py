@@ -91,13 +91,14 @@ def main() -> int:
     try:
         import boto3
 
-        boto3.client(
+        s3 = boto3.client(
             "s3",
             endpoint_url=moto.endpoint,
             region_name="us-east-1",
             aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
             aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        ).create_bucket(Bucket="fleet")
+        )
+        s3.create_bucket(Bucket="fleet")
         print(f"S3 endpoint {moto.endpoint}, bucket 'fleet'")
 
         say("Build two root filesystem images with mkfs.ext4 -d (releases 1.0 and 2.0)")
@@ -185,6 +186,12 @@ poll_interval = 3600
             RUN / "release.pub",
             env=env,
         )
+
+        say("The published release descriptor (kiosk.meta; chunk table shortened here)")
+        meta = json.loads(s3.get_object(Bucket="fleet", Key="releases/kiosk.meta")["Body"].read())
+        chunks = meta["image"]["chunks"]
+        meta["image"]["chunks"] = [*chunks[:2], f"... {len(chunks) - 2} more chunks"]
+        print(json.dumps(meta, indent=1))
 
         say("Admin: update now (the daemon would also find it at its next poll)")
         code = run(BIN / "organixctl", "update", "--wait", env=ctl_env, check=False)

@@ -8,7 +8,8 @@ Three stages overlap::
     a semaphore)               the buffer)                   O_DIRECT pwrite at
                                                              i * chunk_size
 
-Thread 2 also feeds the whole-image SHA-256 in order when there is no read-back
+Without a read-back, thread 2 also feeds the whole-image SHA-256 in order and
+the chunk check moves to thread 1, so the two hashes run in different threads
 (with a read-back, the device's bytes are hashed instead, once).
 
 Memory is bounded by configuration, not by image size (invariant 6): at most
@@ -139,11 +140,10 @@ class _Stages:
             self.loop.call_soon_threadsafe(self.on_failure, exc)
 
     def write_stage(self) -> None:
-        """Thread 2: check the chunk's SHA-256, whole-image hash in order, then write.
+        """Thread 2: check the chunk's SHA-256 (if asked), whole-image hash in order, write.
 
-        The chunk is checked here, before its write, rather than beside the
-        decompression: that splits the CPU work between the two threads.
-        Runs in a worker thread.
+        Every chunk is checked before its write, in whichever thread balances the
+        CPU work (see ``_run_chunked``). Runs in a worker thread.
         """
         try:
             while True:
@@ -405,6 +405,10 @@ class Installer:
         )
         where = self.source.image_url(self.release)
 
+        # Balance the two workers: the chunk hash goes to the writer, unless the writer
+        # already hashes the whole image (no read-back), then beside the decompression.
+        check_in_writer = isinstance(hasher, _NoHash)
+
         def check_chunk(index: int, digest: str) -> None:
             if digest != image.chunks[index].sha256:
                 start = index * image.chunk_size
@@ -428,10 +432,18 @@ class Installer:
                     view = memoryview(buffer)
                     try:
                         filled = _decompress_frame(dctx, frame, view, expected, where, index)
+                        if not check_in_writer:
+                            check_chunk(index, hashlib.sha256(view[:filled]).hexdigest())
                     finally:
                         view.release()
                     stages.to_write.put(
-                        (index, index * image.chunk_size, buffer, filled, check_chunk)
+                        (
+                            index,
+                            index * image.chunk_size,
+                            buffer,
+                            filled,
+                            check_chunk if check_in_writer else None,
+                        )
                     )
             except BaseException as exc:
                 stages.fail(exc)

@@ -257,8 +257,10 @@ async def test_legacy_seed_meta_installs(tmp_path: Path, rootfs: Path) -> None:
     assert "AKIASEEDEMBEDDEDKEY" not in state_text
 
 
-async def test_corrupted_chunk_stops_install(tmp_path: Path, rootfs: Path) -> None:
-    """A chunk whose bytes differ from the meta stops the install; the state never says staged."""
+@pytest.mark.parametrize("readback", ["true", "false"])
+async def test_corrupted_chunk_stops_install(tmp_path: Path, rootfs: Path, readback: str) -> None:
+    """A chunk whose bytes differ from the meta stops the install; the state never says staged
+    (with and without read-back, where the chunk check runs in different threads)."""
     host = Host(tmp_path)
     release = build_release(rootfs, tmp_path / "pub")
     chunk = release.meta.image.chunks[5]
@@ -274,7 +276,7 @@ async def test_corrupted_chunk_stops_install(tmp_path: Path, rootfs: Path) -> No
     skippable = (0x184D2A50).to_bytes(4, "little") + pad.to_bytes(4, "little") + bytes(pad)
     blob[chunk.offset : chunk.offset + chunk.length] = frame + skippable
     release.object_path.write_bytes(bytes(blob))
-    verdict = await host.engine(release.url).check()
+    verdict = await host.engine(release.url, extra=f"[install]\nreadback = {readback}").check()
     assert (verdict.outcome, verdict.code) == ("error", "chunk-mismatch")
     assert "chunk 5" in verdict.message
     state = host.state()

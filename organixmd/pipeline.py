@@ -164,6 +164,13 @@ class _Stages:
         except BaseException as exc:
             self.fail(exc)
 
+    def start(self, decompress_stage: Callable[[], None]) -> list[asyncio.Future[None]]:
+        """Run the decompressing stage and the writing stage in worker threads."""
+        return [
+            self.loop.run_in_executor(None, decompress_stage),
+            self.loop.run_in_executor(None, self.write_stage),
+        ]
+
     def close(self) -> None:
         for buffer in self._all_buffers:
             buffer.close()
@@ -450,10 +457,7 @@ class Installer:
             finally:
                 stages.to_write.put(_STOP)
 
-        futures = [
-            loop.run_in_executor(None, decompress_stage),
-            loop.run_in_executor(None, stages.write_stage),
-        ]
+        futures = stages.start(decompress_stage)
         stream: ByteStream | None = None
         try:
             if start_chunk < len(image.chunks):
@@ -529,10 +533,7 @@ class Installer:
             finally:
                 stages.to_write.put(_STOP)
 
-        futures = [
-            loop.run_in_executor(None, decompress_stage),
-            loop.run_in_executor(None, stages.write_stage),
-        ]
+        futures = stages.start(decompress_stage)
         stream: ByteStream | None = None
         etag: str | None = None
         try:

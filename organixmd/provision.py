@@ -37,7 +37,7 @@ from organixmd.disklayout import MIB, DiskLayout
 from organixmd.errors import BootError, ConfigError, SlotError
 from organixmd.meta import Release
 from organixmd.pipeline import Installer, InstallResult
-from organixmd.slots import mounted_at
+from organixmd.slots import mount_point_of, mounted_at
 from organixmd.sources import Source
 
 Firmware = Literal["bios", "uefi", "both"]
@@ -80,20 +80,15 @@ def _mounted_partitions(name: str, mountinfo: Path) -> str | None:
     """A mount point of disk ``name`` or any of its partitions, if one is mounted."""
     block = Path("/sys/block") / name
     devices = [block / "dev", *sorted(block.glob(f"{name}*/dev"))]
-    numbers = set()
+    numbers: set[str] = set()
     for dev in devices:
         try:
             numbers.add(dev.read_text().strip())
         except OSError:
             continue
-    try:
-        lines = mountinfo.read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        fields = line.split()
-        if len(fields) > 4 and fields[2] in numbers:
-            return fields[4]
+    where = mount_point_of(numbers, mountinfo)
+    if where is not None:
+        return where
     try:
         swaps = Path("/proc/swaps").read_text().splitlines()[1:]
     except OSError:

@@ -101,7 +101,15 @@ def mounted_at(path: Path, mountinfo: Path) -> str | None:
         devices.add(f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
     else:
         devices |= _loop_backing_devices(path)
-    real = os.path.realpath(path)
+    return mount_point_of(devices, mountinfo, source=os.path.realpath(path))
+
+
+def mount_point_of(devices: set[str], mountinfo: Path, source: str | None = None) -> str | None:
+    """The first mount point of a device numbered ``MAJ:MIN`` in ``devices``, or of ``source``.
+
+    ``source`` matches a mount whose source path resolves to it (a file mounted
+    through a loop device shows its own path there on some kernels).
+    """
     try:
         lines = mountinfo.read_text().splitlines()
     except OSError:
@@ -110,8 +118,11 @@ def mounted_at(path: Path, mountinfo: Path) -> str | None:
         fields = line.split()
         if len(fields) < 10 or "-" not in fields:
             continue
-        source = _unescape_mountinfo(fields[fields.index("-") + 2])
-        if fields[2] in devices or (source.startswith("/") and os.path.realpath(source) == real):
+        mounted = _unescape_mountinfo(fields[fields.index("-") + 2])
+        from_source = (
+            source is not None and mounted.startswith("/") and os.path.realpath(mounted) == source
+        )
+        if fields[2] in devices or from_source:
             return _unescape_mountinfo(fields[4])
     return None
 

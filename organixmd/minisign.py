@@ -107,7 +107,8 @@ DEFAULT_SIGNATURE_COMMENT = "signature from minisign secret key"
 
 
 def _key_id_hex(key_id: bytes) -> str:
-    return int.from_bytes(key_id, "little").to_bytes(_KEY_ID_BYTES, "big").hex().upper()
+    """The key id as minisign prints it: ``%PRIX64`` of the little-endian id, no zero padding."""
+    return f"{int.from_bytes(key_id, 'little'):X}"
 
 
 def _b64decode(line: bytes, size: int) -> bytes | None:

@@ -525,3 +525,16 @@ def test_keygen_rejects_both_password_options(tmp_path: Path) -> None:
         "--no-password",
     ]
     assert organixctl_main(argv) == Exit.USAGE
+
+
+def test_key_id_is_shown_like_minisign_shows_it() -> None:
+    """Key ids print as minisign prints them (%PRIX64 of the little-endian id): no zero padding."""
+    key = SecretKey.generate()
+    small = PublicKey(
+        key_id=bytes([0x85, 0x86, 0x2D, 0x4C, 0x95, 0x06, 0xA9, 0x00]), key=key.public_key().key
+    )
+    assert small.key_id_hex == "A906954C2D8685"
+    assert (
+        small.to_file_text().splitlines()[0]
+        == "untrusted comment: minisign public key A906954C2D8685"
+    )

@@ -149,7 +149,7 @@ def _describe(exc: ValidationError, origin: str) -> str:
     lines = []
     for error in exc.errors():
         where = ".".join(str(p) for p in error["loc"]) or "(top level)"
-        message = error["msg"]
+        message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown key (check the spelling against docs/configuration.md)"
         lines.append(f"{origin}: {where}: {message}")

@@ -219,7 +219,7 @@ def _field_errors(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors()[:5]:
         where = ".".join(str(p) for p in error["loc"]) or "(document)"
-        parts.append(f"{where}: {error['msg']}")
+        parts.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
     more = len(exc.errors()) - 5
     if more > 0:
         parts.append(f"and {more} more")

@@ -416,7 +416,13 @@ class Engine:
         if (
             staged is not None
             and staged.release.sha256 == release.sha256
-            and (staged.status == "staged" or (staged.status == "verified" and self.boot is None))
+            and (
+                staged.status == "staged"
+                or (
+                    staged.status == "verified"
+                    and (self.boot is None or not self.config.install.readback)
+                )
+            )
         ):
             return self._verdict(
                 "staged",
@@ -566,15 +572,25 @@ class Engine:
     async def _stage(
         self, release: Release, ref: ReleaseRef, target: SlotName, log: Any
     ) -> Verdict:
-        """Point GRUB at the verified ``target`` on trial (one env write)."""
-        if self.boot is None:
+        """Point GRUB at the verified ``target`` on trial (one env write).
+
+        Only a slot read back from the device is flipped (invariant 2): with
+        ``install.readback = false`` (benchmarks, tests) the slot stays unflipped.
+        """
+        if self.boot is None or not self.config.install.readback:
+            why = (
+                "boot control is not configured"
+                if self.boot is None
+                else "install.readback = false, and only a slot read back from the device is "
+                "ever booted"
+            )
             await self.persist()
             return await self._conclude(
                 self._verdict(
                     "staged",
                     "verified",
-                    f"{release.describe()} is written and verified in slot {target}; boot "
-                    "control is not configured, so GRUB was not changed",
+                    f"{release.describe()} is written and verified in slot {target}; {why}, "
+                    "so GRUB was not changed",
                     ref,
                 )
             )

@@ -403,3 +403,23 @@ async def test_readback_catches_what_the_device_lost(tmp_path: Path, rootfs: Pat
     # Without the fault the same install verifies, and reports the device's hash.
     result = await Installer(meta, FileSource(release.url, 5), slot).run()
     assert result.sha256 == meta.sha256
+
+
+async def test_no_flip_without_readback(tmp_path: Path, rootfs: Path) -> None:
+    """With install.readback = false the slot is written and stream-verified but never flipped."""
+    from organixmd.boot import BootControl
+    from organixmd.bootport import GrubBootPort
+
+    host = Host(tmp_path)
+    control = BootControl(tmp_path / "grubenv", tmp_path / "grubenv.bak")
+    control.initialize("a")
+    release = build_release(rootfs, tmp_path / "pub")
+    engine = host.engine(release.url, extra="[install]\nreadback = false")
+    engine.boot = GrubBootPort(tmp_path / "grubenv", tmp_path / "grubenv.bak", "a")
+    verdict = await engine.check()
+    assert (verdict.outcome, verdict.code) == ("staged", "verified")
+    assert "only a slot read back from the device is ever booted" in verdict.message
+    assert control.read().next_slot == "a"
+    assert sha256_file(host.slot_b, release.meta.image.size) == sha256_file(rootfs)
+    again = await engine.check()
+    assert again.code == "verified"

@@ -51,6 +51,11 @@ class SourceConfig(_Section):
             raise ValueError("s3 URLs need a bucket and an object name: s3://bucket/path/name")
         if parts.scheme in ("http", "https") and not parts.netloc:
             raise ValueError("http(s) URLs need a host")
+        if parts.username is not None or parts.password is not None:
+            # The URL is shown in status, logs and metrics; secrets must not be.
+            raise ValueError(
+                "must not carry a user name or password; secrets go in credentials_file"
+            )
         if parts.scheme == "file" and not parts.path.startswith("/"):
             raise ValueError("file URLs need an absolute path: file:///path/name")
         if value.endswith((".meta", "/")):

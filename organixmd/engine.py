@@ -183,6 +183,7 @@ class Engine:
         self._persist_lock = asyncio.Lock()
         self._task: asyncio.Task[Any] | None = None
         self._cancel_requested = False
+        self._identified: set[tuple[SlotName, str]] = set()
         self.phase = Phase.IDLE
         self.progress: LiveProgress | None = None
         self.current: ReleaseRef | None = None
@@ -367,8 +368,10 @@ class Engine:
         Hashes the booted slot's first ``release.size`` bytes: if they are the
         release, the slot is recorded as holding it and no update is needed.
         """
-        if booted in self.state.slots:
+        if booted in self.state.slots or (booted, release.sha256) in self._identified:
             return
+        # Hash the slot once per release, not at every poll.
+        self._identified.add((booted, release.sha256))
         path = self.slots[booted].path
         try:
             digest = await asyncio.to_thread(hash_device, path, release.size)

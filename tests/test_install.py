@@ -21,23 +21,10 @@ from organixmd.minisign import SecretKey
 from organixmd.pipeline import Installer
 from organixmd.sources import ByteStream, FileSource
 from organixmd.state import StateStore
-from tests.support.images import make_ext4_image
+from tests.support.images import make_ext4_image, sha256_file
 from tests.support.releases import build_legacy_release, build_release
 
 MiB = 1024 * 1024
-
-
-def sha256_file(path: Path, length: int | None = None) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        remaining = length if length is not None else os.fstat(handle.fileno()).st_size
-        while remaining > 0:
-            block = handle.read(min(remaining, 4 * MiB))
-            if not block:
-                break
-            digest.update(block)
-            remaining -= len(block)
-    return digest.hexdigest()
 
 
 class _SlowStream:

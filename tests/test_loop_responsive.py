@@ -16,10 +16,10 @@ import pytest
 
 from organixmd.compose import build_engine
 from organixmd.config import load_config
-from tests.support.images import make_ext4_image
+from tests.support.images import make_ext4_image, sha256_file
 from tests.support.nginx import start_nginx
 from tests.support.releases import build_release
-from tests.test_sources import CliHost, sha256_file
+from tests.test_sources import CliHost
 
 MiB = 1024 * 1024
 TICK = 0.010

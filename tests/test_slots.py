@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.images import make_ext4_image
+from tests.support.images import make_ext4_image, sha256_file
 from tests.support.releases import BuiltRelease, build_release
-from tests.test_sources import CliHost, sha256_file
+from tests.test_sources import CliHost
 
 MiB = 1024 * 1024
 

@@ -20,26 +20,13 @@ import boto3
 import pytest
 
 from organixmd.boot import BootControl, BootState
-from tests.support.images import make_ext4_image
+from tests.support.images import make_ext4_image, sha256_file
 from tests.support.nginx import Nginx, start_nginx
 from tests.support.releases import BuiltRelease, build_legacy_release, build_release
 from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, MotoServer, start_moto
 
 MiB = 1024 * 1024
 REPO = Path(__file__).resolve().parent.parent
-
-
-def sha256_file(path: Path, length: int | None = None) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        remaining = length if length is not None else os.fstat(handle.fileno()).st_size
-        while remaining > 0:
-            block = handle.read(min(remaining, 4 * MiB))
-            if not block:
-                break
-            digest.update(block)
-            remaining -= len(block)
-    return digest.hexdigest()
 
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:

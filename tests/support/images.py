@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import subprocess
@@ -75,3 +76,17 @@ def make_ext4_image(
         env={**os.environ, "E2FSPROGS_FAKE_TIME": "1700000000"},
     )
     return path
+
+
+def sha256_file(path: Path, length: int | None = None) -> str:
+    """SHA-256 of the first ``length`` bytes of ``path`` (all of it by default)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        remaining = length if length is not None else os.fstat(handle.fileno()).st_size
+        while remaining > 0:
+            block = handle.read(min(remaining, 4 * 1024 * 1024))
+            if not block:
+                break
+            digest.update(block)
+            remaining -= len(block)
+    return digest.hexdigest()

@@ -11,6 +11,7 @@
   mtools,
   util-linux,
   grub2,
+  grub2_efi,
 }:
 
 let
@@ -62,6 +63,13 @@ python3Packages.buildPythonApplication {
       util-linux
       grub2
     ])
+    # GRUB's module directories live in the store, not in /usr/lib/grub.
+    "--set-default"
+    "ORGANIXM_GRUB_BIOS_DIR"
+    "${grub2}/lib/grub/i386-pc"
+    "--set-default"
+    "ORGANIXM_GRUB_EFI_DIR"
+    "${grub2_efi}/lib/grub/x86_64-efi"
   ];
 
   # The test suite needs root, loop devices, an S3 server and QEMU; it runs

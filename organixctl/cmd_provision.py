@@ -9,6 +9,7 @@ pipeline. A regular file as ``--disk`` becomes a ready-to-boot disk image.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -54,12 +55,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--region", default="us-east-1", help="S3 region")
     parser.add_argument("--anonymous", action="store_true", help="read a public bucket")
     parser.add_argument(
-        "--grub-bios-dir", type=Path, help="GRUB i386-pc modules (default /usr/lib/grub/i386-pc)"
+        "--grub-bios-dir",
+        type=Path,
+        default=os.environ.get("ORGANIXM_GRUB_BIOS_DIR"),
+        help="GRUB i386-pc modules (default $ORGANIXM_GRUB_BIOS_DIR, else /usr/lib/grub/i386-pc)",
     )
     parser.add_argument(
         "--grub-efi-dir",
         type=Path,
-        help="GRUB x86_64-efi modules (default /usr/lib/grub/x86_64-efi)",
+        default=os.environ.get("ORGANIXM_GRUB_EFI_DIR"),
+        help="GRUB x86_64-efi modules (default $ORGANIXM_GRUB_EFI_DIR, else "
+        "/usr/lib/grub/x86_64-efi)",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
@@ -123,10 +129,18 @@ async def _provision(args: argparse.Namespace) -> int:
             print("organixctl provision: not confirmed; nothing was changed", file=sys.stderr)
             return Exit.ERROR
         started = time.monotonic()
-        print("writing partition table, GRUB, boot and rw file systems ...", flush=True)
-        await asyncio.to_thread(provision.write_layout, plan, args.grub_bios_dir, args.grub_efi_dir)
-        print(f"streaming {release.describe()} into slot a ...", flush=True)
-        result = await provision.write_release(plan, source)
+        try:
+            print("writing partition table, GRUB, boot and rw file systems ...", flush=True)
+            await asyncio.to_thread(
+                provision.write_layout, plan, args.grub_bios_dir, args.grub_efi_dir
+            )
+            print(f"streaming {release.describe()} into slot a ...", flush=True)
+            result = await provision.write_release(plan, source)
+        except BaseException:
+            if plan.create_file:
+                # An image file this run created is half-made: remove it, nothing is lost.
+                await asyncio.to_thread(target.unlink, missing_ok=True)
+            raise
     print(
         f"done in {time.monotonic() - started:.1f}s: {target} boots slot a "
         f"({release.describe()}, sha256 {result.sha256[:16]}..., verified on the device)"

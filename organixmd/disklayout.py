@@ -140,7 +140,7 @@ def plan_layout(
     return DiskLayout(bios_boot, esp, boot, slot_a, slot_b, rw, position + MIB)
 
 
-def _run(argv: list[str], what: str) -> subprocess.CompletedProcess[bytes]:
+def _run(argv: list[str], what: str, hint: str = "") -> subprocess.CompletedProcess[bytes]:
     try:
         return subprocess.run(argv, check=True, capture_output=True)
     except FileNotFoundError as exc:
@@ -153,7 +153,9 @@ def _run(argv: list[str], what: str) -> subprocess.CompletedProcess[bytes]:
         detail = exc.stderr.decode(errors="replace").strip().splitlines()
         raise BootError(
             f"{what}: {argv[0]} failed with status {exc.returncode}: "
-            f"{detail[-1] if detail else 'no message'}"
+            f"{detail[-1] if detail else 'no message'}",
+            hint=hint
+            or f"{argv[0]}'s own message is quoted; check the target is writable and large enough",
         ) from exc
 
 
@@ -243,6 +245,8 @@ def make_core_image(
                 *modules,
             ],
             f"GRUB {platform} image",
+            hint=f"check that {directory} holds GRUB's {platform} modules "
+            "(--grub-bios-dir / --grub-efi-dir)",
         )
     return output
 

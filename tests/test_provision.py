@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -223,3 +224,28 @@ def test_first_disk_refuses_when_not_exactly_one(releases: tuple[Path, Path]) ->
     else:
         assert result.returncode == 2
         assert "exactly one usable disk" in result.stderr
+
+
+def test_failed_provision_removes_the_image_file_it_created(
+    releases: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A provision that fails half-way (here: no GRUB modules) leaves no half-made image file
+    and names what to check."""
+    disk = tmp_path / "disk.img"
+    result = subprocess.run(
+        [
+            *ORGANIXCTL,
+            "provision",
+            *("--disk", str(disk), "--release", str(releases[0])),
+            *("--slot-size", "32M", "--yes"),
+        ],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "ORGANIXM_GRUB_BIOS_DIR": str(tmp_path / "no-grub")},
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "grub-mkimage failed" in result.stderr
+    assert "holds GRUB's i386-pc modules" in result.stderr
+    assert not disk.exists()

@@ -15,12 +15,11 @@ either the old or the new file, never a mix.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from organixmd.errors import BootError
+from organixmd.fsutil import write_atomic
 
 BLOCK_SIZE = 1024
 SIGNATURE = b"# GRUB Environment Block\n"
@@ -147,24 +146,8 @@ def write_block(path: Path, block: bytes) -> None:
     """
     if len(block) != BLOCK_SIZE:
         raise BootError(f"{path}: refusing to write a {len(block)}-byte environment block")
-    directory = path.parent
     try:
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                stream.write(block)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.chmod(temporary, 0o644)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory_fd)
-        finally:
-            os.close(directory_fd)
+        write_atomic(path, block, 0o644)
     except OSError as exc:
         raise BootError(
             f"{path}: cannot write the GRUB environment: {exc.strerror or exc}",

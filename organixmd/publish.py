@@ -35,6 +35,7 @@ from organixmd.errors import (
     PublishError,
     SourceNotFound,
 )
+from organixmd.fsutil import fsync_dir, write_atomic
 from organixmd.image import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_LEVEL,
@@ -221,14 +222,6 @@ class _Target(Protocol):
     async def read_small(self, name: str, limit: int) -> bytes | None: ...
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class LocalTarget:
     """A directory (a mirror, a USB stick). Files appear by atomic rename after fsync."""
 
@@ -274,7 +267,7 @@ class LocalTarget:
         # Staged files are private while incomplete; the published image is for everyone.
         os.chmod(staged, 0o644)
         os.replace(staged, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
     async def put_image(
         self, staged: Path, name: str, size: int, progress: Progress | None
@@ -287,20 +280,7 @@ class LocalTarget:
             progress("upload", size, size)
 
     def _write_small(self, name: str, data: bytes) -> None:
-        final = self.directory / name
-        fd, temp = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(temp, 0o644)
-            os.replace(temp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise
-        _fsync_dir(final.parent)
+        write_atomic(self.directory / name, data, 0o644)
 
     async def put_small(self, name: str, data: bytes, content_type: str) -> None:
         try:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from organixmd.errors import StateError
+from organixmd.fsutil import write_atomic
 
 STATE_SCHEMA = "organixm.state/1"
 HISTORY_LIMIT = 200
@@ -154,18 +155,6 @@ class StateStore:
         """Write encoded state atomically and durably. Blocking; runs in a worker thread."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".state.json.{os.getpid()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-            dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            write_atomic(self.path, data, 0o600)
         except OSError as exc:
             raise StateError(f"cannot write state file {self.path}: {exc.strerror}") from exc

@@ -11,16 +11,9 @@ the daemon reboots into the other slot if its reboot policy allows.
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from organixctl.client import (
-    Client,
-    add_epilog,
-    add_json_argument,
-    add_socket_argument,
-    print_raw,
-    run_with_client,
-)
-from organixctl.exitcodes import Exit
+from organixctl.client import add_action_arguments, run_action
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,28 +28,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also demote a committed (good) slot; without it only a slot on trial is failed",
     )
-    add_json_argument(parser)
-    add_socket_argument(parser)
-    add_epilog(
-        parser,
-        {
-            0: "the booted slot is marked bad",
-        },
+    add_action_arguments(parser, "the booted slot is marked bad")
+
+
+def _describe(data: dict[str, Any]) -> str:
+    then = "rebooting now" if data.get("rebooting") else "reboot to leave it"
+    return (
+        f"slot {data.get('marked_bad')} is marked bad; next boot: slot "
+        f"{data.get('next_slot')} ({then})"
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    def body(client: Client) -> int:
-        answer = client.post("/v1/mark-bad", {"reason": args.reason, "force": args.force})
-        if args.json:
-            print_raw(answer)
-        else:
-            data = answer.json()
-            then = "rebooting now" if data.get("rebooting") else "reboot to leave it"
-            print(
-                f"slot {data.get('marked_bad')} is marked bad; next boot: slot "
-                f"{data.get('next_slot')} ({then})"
-            )
-        return Exit.OK
-
-    return run_with_client(args, body)
+    return run_action(args, "/v1/mark-bad", _describe, {"reason": args.reason, "force": args.force})

@@ -82,6 +82,7 @@ class Source(ABC):
     def __init__(self, url: str, timeout: float) -> None:
         self.url = url
         self.timeout = timeout
+        self._stack = contextlib.AsyncExitStack()
 
     @property
     def meta_url(self) -> str:
@@ -92,6 +93,7 @@ class Source(ABC):
         return self.url + ".meta.minisig"
 
     async def __aenter__(self) -> Self:
+        await self._open(self._stack)
         return self
 
     async def __aexit__(
@@ -100,6 +102,10 @@ class Source(ABC):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        await self._stack.aclose()
+
+    async def _open(self, stack: contextlib.AsyncExitStack) -> None:
+        """Open sessions or clients; whatever is entered on ``stack`` is closed on exit."""
         return None
 
     @abstractmethod
@@ -144,22 +150,15 @@ class HttpSource(Source):
         super().__init__(url, timeout)
         self._session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> Self:
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_read=self.timeout),
-            auto_decompress=False,
+    async def _open(self, stack: contextlib.AsyncExitStack) -> None:
+        self._session = await stack.enter_async_context(
+            aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(
+                    total=None, connect=self.timeout, sock_read=self.timeout
+                ),
+                auto_decompress=False,
+            )
         )
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -394,23 +393,12 @@ class S3Source(Source):
             credentials=config.credentials,
             credentials_file=config.credentials_file,
         )
-        self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
 
-    async def __aenter__(self) -> Self:
+    async def _open(self, stack: contextlib.AsyncExitStack) -> None:
         from organixmd.s3client import open_client
 
-        self._client = await self._stack.enter_async_context(open_client(self._settings))
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._client = None
-        await self._stack.aclose()
+        self._client = await stack.enter_async_context(open_client(self._settings))
 
     def _image_key(self, release: Release) -> str:
         if release.object_is_absolute:

@@ -11,11 +11,12 @@ APT_PACKAGES := minisign nginx-light zstd curl e2fsprogs util-linux fdisk gdisk 
 	grub-common grub-pc-bin grub-efi-amd64-bin grub-emu qemu-system-x86 ovmf \
 	dosfstools mtools libsystemd-dev pkg-config gcc nix-bin zsh
 
-.PHONY: help deps venv lint typecheck nix-parse test demo bench clean
+.PHONY: help deps venv lint typecheck nix-parse test faults demo bench clean
 
 help:
 	@echo "make demo   publish a release to a local S3 server, let the daemon install and flip it"
 	@echo "make test   install everything, then format check, lint, type check and the test suite"
+	@echo "make faults the fault suite: the real daemon through network, device, crash and input faults"
 	@echo "make bench  run the benchmarks in bench/ (prints figures and reference ratios)"
 
 deps:
@@ -50,7 +51,10 @@ nix-parse: deps
 	echo "nix-instantiate --parse: $$(echo $$files | wc -w) files ok"
 
 test: venv lint typecheck nix-parse
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --ignore=tests/faults
+
+faults: venv
+	$(VENV)/bin/pytest -q tests/faults
 
 demo: venv
 	$(PY) -m tests.demo

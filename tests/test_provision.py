@@ -19,6 +19,7 @@ from organixmd.provision import make_plan
 from tests.support.images import make_ext4_image
 from tests.support.qemu import boot_qemu
 from tests.support.releases import build_release
+from tests.support.tinykernel import make_bootable_image, tiny_kernel
 
 pytestmark = pytest.mark.slow
 
@@ -37,10 +38,12 @@ def provision(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def releases(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Two releases (serial 1 and 2) of real ext4 images in a local directory."""
+    """Two releases (serial 1 and 2) of real ext4 images, each with a tiny kernel that
+    reports its command line, in a local directory."""
     root = tmp_path_factory.mktemp("releases")
-    first = make_ext4_image(root / "r1.img", 24 * MIB, payload_bytes=8 * MIB, seed=11)
-    second = make_ext4_image(root / "r2.img", 24 * MIB, payload_bytes=8 * MIB, seed=12)
+    kernel = tiny_kernel()
+    first = make_bootable_image(root / "r1.img", 28 * MIB, kernel, payload_bytes=4 * MIB, seed=11)
+    second = make_bootable_image(root / "r2.img", 28 * MIB, kernel, payload_bytes=4 * MIB, seed=12)
     one = build_release(first, root / "one", version="1.0", serial=1)
     two = build_release(second, root / "two", version="2.0", serial=2)
     return one.meta_path, two.meta_path
@@ -100,8 +103,8 @@ def test_provisioned_image_boots_slot_a(provisioned: Path, firmware: str) -> Non
     result = boot_qemu(provisioned, firmware)
     assert (result.slot, result.reason) == ("a", "committed")
     assert result.pauses == 0
-    assert result.cmdline is not None
-    assert "organixm.slot=a" in result.cmdline
+    assert result.attempts == [("a", "committed")]
+    assert result.args.startswith("organixm.slot=a organixm.reason=committed ")
 
 
 def test_daemon_updates_provisioned_image_then_trial_boots_b(
@@ -149,7 +152,9 @@ host_id_file = "{tmp_path / "machine-id"}"
         assert state.b.state == "trial"
     trial = boot_qemu(disk, "bios")
     assert (trial.slot, trial.reason) == ("b", "trial")
-    assert trial.marker["try"] == "1"
+    with loop_device(disk, layout.boot) as boot_part, mounted(boot_part, tmp_path / "boot") as root:
+        after = BootControl(root / "grub/grubenv", root / "grub/grubenv.bak").read()
+    assert (after.booted, after.trial_try) == ("b", 1)
 
 
 def test_dry_run_changes_nothing(releases: tuple[Path, Path], tmp_path: Path) -> None:

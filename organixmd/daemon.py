@@ -23,6 +23,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import structlog
+
 from organixmd.api import ControlServer, EventHub
 from organixmd.bootmanager import BootManager, Reboot
 from organixmd.bootport import GrubBootPort
@@ -196,6 +198,12 @@ def _install_signal_handlers(stop: asyncio.Event) -> Callable[[], None]:
     return restore
 
 
+def _startup_failed(log: structlog.stdlib.BoundLogger, exc: OrganixmError) -> int:
+    """One line saying what is wrong and what to do; 78 (EX_CONFIG) for configuration."""
+    log.error("startup_failed", error=str(exc), code=exc.code)
+    return 78 if exc.code == "config-invalid" else 1
+
+
 async def run_daemon(config: Config) -> int:
     """The composition root of the long-running daemon. Returns the exit code."""
     log = get_logger("organixmd.daemon", pid=os.getpid())
@@ -212,22 +220,29 @@ async def run_daemon(config: Config) -> int:
     try:
         engine = await build_engine(config, on_event=on_event)
     except OrganixmError as exc:
-        log.error("startup_failed", error=str(exc), code=exc.code)
-        return 78 if exc.code == "config-invalid" else 1
+        return _startup_failed(log, exc)
     port = engine.boot
     assert isinstance(port, GrubBootPort)  # noqa: S101 - build_engine wires GRUB boot control
     manager = BootManager(config, engine, port)
     reboot = Reboot(config)
     daemon = Daemon(config, engine, manager, reboot, hub, notifier)
     daemon_ref.append(daemon)
+    try:
+        # Resolves socket_group and admin_group: a group missing on this host is a
+        # configuration error, reported like every other one.
+        server = ControlServer(config, daemon)
+    except OrganixmError as exc:
+        return _startup_failed(log, exc)
     restore_signals = _install_signal_handlers(daemon.stop)
-    server = ControlServer(config, daemon)
     try:
         await manager.reconcile()
         # The last run's verdict may describe another boot (another slot, a slot since
         # marked bad): the first check of this run fetches the meta unconditionally.
         engine.state.meta_etag = None
-        await server.start()
+        try:
+            await server.start()
+        except OrganixmError as exc:
+            return _startup_failed(log, exc)
         log.info("started", socket=str(config.daemon.socket), booted=manager.booted)
         async with asyncio.TaskGroup() as group:
             tasks = [

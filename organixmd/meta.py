@@ -182,6 +182,19 @@ class LegacyInternal(BaseModel):
     access_key: SecretStr
     secret_key: SecretStr
 
+    @field_validator("object_path")
+    @classmethod
+    def _key_in_bucket(cls, value: str) -> str:
+        # A key in the bucket root, never a path or URL that climbs out of it (the
+        # seed's own keys are plain "dir/name"; S3-compatible servers may normalise "..").
+        parts = value.split("/")
+        if ".." in parts or "." in parts or "" in parts or any(c < " " or c == "\\" for c in value):
+            raise ValueError(
+                "must be an object key in the bucket (no leading '/', no URL, no empty, "
+                "'.' or '..' components, no control characters or backslashes)"
+            )
+        return value
+
 
 class LegacyMeta(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -246,7 +259,9 @@ def parse_meta(data: bytes, *, source: str = "meta") -> Release:
         )
     try:
         document: Any = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:
+        # JSONDecodeError and UnicodeDecodeError, and the plain ValueError of an integer
+        # longer than Python converts (4,300 digits).
         raise MetaError(f"{source}: not valid JSON: {exc}") from exc
     if not isinstance(document, dict):
         raise MetaError(f"{source}: must be a JSON object, got {type(document).__name__}")

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from organixmd import __version__
 from organixmd.errors import BadRequest, Busy, ConfigError, OrganixmError, PermissionDenied
@@ -159,20 +160,33 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 
 class _ProtocolLog(logging.LoggerAdapter[logging.Logger]):
-    """aiohttp's connection-level logger: malformed HTTP is one line, a bug a traceback.
+    """aiohttp's connection-level logger: a client's mistake is one line, a bug a traceback.
 
     aiohttp answers bytes it cannot parse as HTTP (a bad request line, an oversized
-    header, a broken chunked body) with a 400 itself and logs the parser's exception
-    with ``logger.exception``. That is a client's mistake: one line, no traceback.
+    header) with a 400 itself, and logs the parser's exception, as it logs a client
+    that went away before its answer was written, with ``logger.exception``.
     """
 
     def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        log = get_logger("organixmd.api")
         if isinstance(exc_info, HttpProcessingError):
-            get_logger("organixmd.api").info(
-                "request_malformed", status=exc_info.code, error=exc_info.message[:200]
-            )
-            return
-        super().exception(msg, *args, exc_info=exc_info, **kwargs)
+            # The request's only line: the middleware never saw it.
+            log.info("request_malformed", status=exc_info.code, error=exc_info.message[:200])
+        elif isinstance(exc_info, ConnectionError):
+            log.info("request_aborted", error=str(exc_info)[:200])
+        elif isinstance(exc_info, RequestPayloadError):
+            # The rest of a body the middleware already refused (and logged) is unreadable.
+            log.debug("request_body_unread", error=_payload_error(exc_info))
+        else:
+            super().exception(msg, *args, exc_info=exc_info, **kwargs)
+
+
+def _payload_error(exc: Exception) -> str:
+    """What was wrong with a request body: aiohttp wraps the parser's error."""
+    cause = exc.__cause__ if isinstance(exc, RequestPayloadError) else exc
+    if isinstance(cause, HttpProcessingError):
+        return cause.message.strip()[:200]
+    return str(cause).strip()[:200]
 
 
 class ControlServer:
@@ -272,11 +286,11 @@ class ControlServer:
             detail, hint = f"{request.method} {path}: {exc}", ""
         except web.HTTPException as exc:
             status, code, detail, hint = exc.status, "http-error", exc.reason, ""
-        except HttpProcessingError as exc:
-            # The body could not be read as sent (a Content-Length longer than the
-            # body, a broken chunked or gzip encoding): the client's mistake.
+        except (HttpProcessingError, RequestPayloadError) as exc:
+            # The body could not be read as sent (a broken chunked, gzip or deflate
+            # encoding): the client's mistake.
             status, code, hint = 400, "bad-request", ""
-            detail = f"the request body could not be read: {exc.message}"
+            detail = f"the request body could not be read: {_payload_error(exc)}"
         except ConnectionError as exc:
             # The client went away mid-request; nobody reads the answer.
             status, code, hint = 400, "client-disconnected", ""

@@ -72,6 +72,7 @@ class Daemon:
         self.ready = False
         self.log = get_logger("organixmd.daemon")
         self._background: set[asyncio.Task[Any]] = set()
+        self._updates: set[asyncio.Task[Verdict]] = set()
         self._failures = 0
         self._last_status: float = 0.0
 
@@ -116,7 +117,8 @@ class Daemon:
 
     def start_update(self, *, force: bool, reboot: bool) -> asyncio.Task[Verdict]:
         """Start an install in the background (the API answers 202). Busy if one runs."""
-        if self.engine.busy:
+        # An update spawned a moment ago holds no lock until its task first runs.
+        if self.engine.busy or any(not task.done() for task in self._updates):
             raise Busy("a check or install is already running")
 
         async def update() -> Verdict:
@@ -129,14 +131,32 @@ class Daemon:
                         await self.reboot.request("update staged")
             return verdict
 
-        return self.spawn(update())
+        task = self.spawn(update())
+        self._updates.add(task)
+        task.add_done_callback(self._updates.discard)
+        return task
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         """A background task with a held reference (no fire-and-forget)."""
         task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._reap)
         return task
+
+    def _reap(self, task: asyncio.Task[Any]) -> None:
+        """Forget a finished background task; its error is logged once, here.
+
+        Nobody may await it (``update`` without ``wait``): an error left unretrieved
+        would be printed by asyncio as a traceback when the task is collected.
+        """
+        self._background.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if isinstance(error, OrganixmError):
+            self.log.info("background_refused", code=error.code, error=str(error))
+        elif error is not None:
+            self.log.error("background_failed", exc_info=error)
 
     def _delay(self, verdict: Verdict | None) -> float:
         daemon = self.config.daemon

@@ -19,7 +19,10 @@ Reads are open to whoever can connect (the socket is mode 0660, group
 ``daemon.socket_group``). Changes need uid 0 or membership of
 ``daemon.admin_group``, checked with ``SO_PEERCRED``. Errors are RFC 9457
 ``application/problem+json`` with a stable ``code``; no tracebacks leave the
-daemon. The API's JSON shapes are documented in docs/operations.md.
+daemon. Every refused request is logged as one line (``request_refused``, or
+``request_malformed`` for bytes that are not HTTP), without a traceback: a
+client's mistake is not the daemon's. Only a bug in the daemon is logged with
+its traceback. The API's JSON shapes are documented in docs/operations.md.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import asyncio
 import contextlib
 import grp
 import json
+import logging
 import os
 import pwd
 import socket
@@ -38,9 +42,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from organixmd import __version__
-from organixmd.errors import Busy, ConfigError, OrganixmError
+from organixmd.errors import BadRequest, Busy, ConfigError, OrganixmError, PermissionDenied
+from organixmd.jsondepth import too_deep
 from organixmd.logsetup import get_logger
 from organixmd.slots import SLOTS
 
@@ -49,6 +56,10 @@ if TYPE_CHECKING:
 
 API_VERSION = 1
 MAX_BODY = 16 * 1024
+#: Request bodies are flat objects of flags; deeper JSON is refused before decoding.
+MAX_BODY_DEPTH = 8
+#: Paths in log lines are cut to this length (a request line may be 8 KiB).
+LOG_PATH_CHARS = 200
 EVENT_QUEUE = 256
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -114,7 +125,12 @@ def _group_id(name: str, key: str) -> int:
     try:
         return grp.getgrnam(name).gr_gid
     except KeyError as exc:
-        raise ConfigError(f"{key}: no group named {name!r} on this host") from exc
+        setting = key.rsplit(".", 1)[-1]
+        raise ConfigError(
+            f"{key}: no group named {name!r} on this host",
+            hint=f"set {setting} to an existing group (e.g. 'root' or 'sudo') "
+            "in the [daemon] section",
+        ) from exc
 
 
 def is_admin(uid: int, gid: int, admin_gid: int) -> bool:
@@ -141,6 +157,36 @@ def json_response(data: Any, status: int = 200) -> web.Response:
         status=status,
         content_type="application/json",
     )
+
+
+class _ProtocolLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's connection-level logger: a client's mistake is one line, a bug a traceback.
+
+    aiohttp answers bytes it cannot parse as HTTP (a bad request line, an oversized
+    header) with a 400 itself, and logs the parser's exception, as it logs a client
+    that went away before its answer was written, with ``logger.exception``.
+    """
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        log = get_logger("organixmd.api")
+        if isinstance(exc_info, HttpProcessingError):
+            # The request's only line: the middleware never saw it.
+            log.info("request_malformed", status=exc_info.code, error=exc_info.message[:200])
+        elif isinstance(exc_info, ConnectionError):
+            log.info("request_aborted", error=str(exc_info)[:200])
+        elif isinstance(exc_info, RequestPayloadError):
+            # The rest of a body the middleware already refused (and logged) is unreadable.
+            log.debug("request_body_unread", error=_payload_error(exc_info))
+        else:
+            super().exception(msg, *args, exc_info=exc_info, **kwargs)
+
+
+def _payload_error(exc: Exception) -> str:
+    """What was wrong with a request body: aiohttp wraps the parser's error."""
+    cause = exc.__cause__ if isinstance(exc, RequestPayloadError) else exc
+    if isinstance(cause, HttpProcessingError):
+        return cause.message.strip()[:200]
+    return str(cause).strip()[:200]
 
 
 class ControlServer:
@@ -173,22 +219,40 @@ class ControlServer:
         return app
 
     async def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Listen on the socket. Raises ConfigError when the path cannot be used."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"daemon.socket: cannot create {self.path.parent}: {exc.strerror or exc}",
+                hint="set socket to a path in a directory the daemon may create",
+            ) from exc
         with contextlib.suppress(FileNotFoundError):
             # A socket left by a killed daemon; nothing else may live at this path.
             if self.path.is_socket():
                 self.path.unlink()
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            handle_signals=False,
+            logger=_ProtocolLog(logging.getLogger("aiohttp.server"), {}),
+        )
         await self._runner.setup()
         # Create the socket with no access for others, then open it to the group.
         old_umask = os.umask(0o117)
         try:
             site = web.UnixSite(self._runner, str(self.path), backlog=1024)
             await site.start()
+            os.chown(self.path, 0 if os.geteuid() == 0 else -1, self.socket_gid)
+            os.chmod(self.path, 0o660)
+        except OSError as exc:
+            raise ConfigError(
+                f"daemon.socket: cannot listen on {self.path}: {exc.strerror or exc}",
+                hint="set socket to a path in a directory the daemon may write (e.g. "
+                "/run/organixm/control.sock; paths are limited to 107 bytes)",
+            ) from exc
         finally:
             os.umask(old_umask)
-        os.chown(self.path, 0 if os.geteuid() == 0 else -1, self.socket_gid)
-        os.chmod(self.path, 0o660)
 
     async def stop(self) -> None:
         self.daemon.hub.close()
@@ -197,41 +261,56 @@ class ControlServer:
                 await self._runner.cleanup()
                 self._runner = None
         finally:
-            # Even when cleanup runs out of time, no socket is left behind.
+            # Even when cleanup runs out of time, no socket is left behind; whatever
+            # else a misconfigured socket path names is not ours to remove.
             with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
+                if self.path.is_socket():
+                    self.path.unlink()
 
     # ------------------------------------------------------------------ middleware
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path[:LOG_PATH_CHARS]
         try:
             return await handler(request)
         except OrganixmError as exc:
-            return problem(exc.status, exc.code, exc.message, exc.advice)
+            status, code, detail, hint = exc.status, exc.code, exc.message, exc.advice
         except web.HTTPRequestEntityTooLarge:
-            return problem(413, "request-too-large", f"request bodies are limited to {MAX_BODY}")
+            status, code = 413, "request-too-large"
+            detail, hint = f"request bodies are limited to {MAX_BODY} bytes", ""
         except web.HTTPNotFound:
-            return problem(404, "not-found", f"no such endpoint: {request.path}")
+            status, code, detail, hint = 404, "not-found", f"no such endpoint: {path}", ""
         except web.HTTPMethodNotAllowed as exc:
-            return problem(405, "method-not-allowed", f"{request.method} {request.path}: {exc}")
+            status, code = 405, "method-not-allowed"
+            detail, hint = f"{request.method} {path}: {exc}", ""
         except web.HTTPException as exc:
-            return problem(exc.status, "http-error", exc.reason)
+            status, code, detail, hint = exc.status, "http-error", exc.reason, ""
+        except (HttpProcessingError, RequestPayloadError) as exc:
+            # The body could not be read as sent (a broken chunked, gzip or deflate
+            # encoding): the client's mistake.
+            status, code, hint = 400, "bad-request", ""
+            detail = f"the request body could not be read: {_payload_error(exc)}"
+        except ConnectionError as exc:
+            # The client went away mid-request; nobody reads the answer.
+            status, code, hint = 400, "client-disconnected", ""
+            detail = f"the connection closed before the request was read: {exc}"
         except Exception as exc:
-            # Log the details here; the client gets a code, never a traceback.
-            self.log.exception("request_failed", path=request.path)
+            # A bug in the daemon: the only case logged with its traceback. The client
+            # gets a code, never a traceback.
+            self.log.exception("request_failed", method=request.method, path=path)
             return problem(500, "internal-error", f"{type(exc).__name__} while serving the request")
+        self.log.info("request_refused", method=request.method, path=path, status=status, code=code)
+        return problem(status, code, detail, hint)
 
     def _admin(self, handler: Handler) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:
             creds = peer_credentials(request)
             if creds is None or not is_admin(creds[1], creds[2], self.admin_gid):
                 uid = creds[1] if creds else "unknown"
-                return problem(
-                    403,
-                    "permission-denied",
+                raise PermissionDenied(
                     f"uid {uid} may read status but not change anything",
-                    f"run as root or as a member of group {self.config.daemon.admin_group!r}",
+                    hint=f"run as root or as a member of group {self.config.daemon.admin_group!r}",
                 )
             return await handler(request)
 
@@ -239,21 +318,40 @@ class ControlServer:
 
     @staticmethod
     async def _body(request: web.Request) -> dict[str, Any]:
+        """The request's JSON object (``{}`` without a body), bounded before decoding."""
         if not request.can_read_body:
             return {}
+        raw = await request.read()
+        if not raw:
+            return {}
+        if "Content-Type" in request.headers and not (
+            request.content_type == "application/json" or request.content_type.endswith("+json")
+        ):
+            raise BadRequest(
+                f"the request body must be JSON (Content-Type: application/json), "
+                f"not {request.content_type[:100]!r}"
+            )
+        deep = too_deep(raw, MAX_BODY_DEPTH)
+        if deep is not None:
+            raise BadRequest(
+                f"the request body nests deeper than {MAX_BODY_DEPTH} levels (at byte {deep})"
+            )
         try:
-            data = await request.json()
+            # JSON is UTF-8 (RFC 8259) whatever charset the header names.
+            data = json.loads(raw.decode("utf-8"))
         except ValueError as exc:
-            raise _BadRequest(f"the request body is not valid JSON: {exc}") from exc
+            # UnicodeDecodeError and JSONDecodeError are both ValueErrors; so is an
+            # integer longer than Python converts.
+            raise BadRequest(f"the request body is not valid JSON: {exc}") from exc
         if not isinstance(data, dict):
-            raise _BadRequest("the request body must be a JSON object")
+            raise BadRequest("the request body must be a JSON object")
         return data
 
     @staticmethod
     def _flag(body: dict[str, Any], name: str) -> bool:
         value = body.get(name, False)
         if not isinstance(value, bool):
-            raise _BadRequest(f"{name!r} must be true or false")
+            raise BadRequest(f"{name!r} must be true or false")
         return value
 
     # ------------------------------------------------------------------ reads
@@ -389,7 +487,7 @@ class ControlServer:
         body = await self._body(request)
         reason = body.get("reason", "marked bad by an admin")
         if not isinstance(reason, str) or len(reason) > 200:
-            raise _BadRequest("'reason' must be a string of at most 200 characters")
+            raise BadRequest("'reason' must be a string of at most 200 characters")
         state = await self.daemon.manager.mark_bad(reason, force=self._flag(body, "force"))
         rebooting = await self.daemon.reboot.request(f"slot marked bad: {reason}")
         return json_response(
@@ -403,11 +501,6 @@ class ControlServer:
     async def rollback(self, request: web.Request) -> web.Response:
         state = await self.daemon.manager.rollback()
         return json_response({"next_slot": state.next_slot})
-
-
-class _BadRequest(OrganixmError):
-    code = "bad-request"
-    status = 400
 
 
 __all__ = ["Busy", "ControlServer", "EventHub"]

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import structlog
+
 from organixmd.api import ControlServer, EventHub
 from organixmd.bootmanager import BootManager, Reboot
 from organixmd.bootport import GrubBootPort
@@ -70,6 +72,7 @@ class Daemon:
         self.ready = False
         self.log = get_logger("organixmd.daemon")
         self._background: set[asyncio.Task[Any]] = set()
+        self._updates: set[asyncio.Task[Verdict]] = set()
         self._failures = 0
         self._last_status: float = 0.0
 
@@ -114,7 +117,8 @@ class Daemon:
 
     def start_update(self, *, force: bool, reboot: bool) -> asyncio.Task[Verdict]:
         """Start an install in the background (the API answers 202). Busy if one runs."""
-        if self.engine.busy:
+        # An update spawned a moment ago holds no lock until its task first runs.
+        if self.engine.busy or any(not task.done() for task in self._updates):
             raise Busy("a check or install is already running")
 
         async def update() -> Verdict:
@@ -127,14 +131,32 @@ class Daemon:
                         await self.reboot.request("update staged")
             return verdict
 
-        return self.spawn(update())
+        task = self.spawn(update())
+        self._updates.add(task)
+        task.add_done_callback(self._updates.discard)
+        return task
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         """A background task with a held reference (no fire-and-forget)."""
         task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._reap)
         return task
+
+    def _reap(self, task: asyncio.Task[Any]) -> None:
+        """Forget a finished background task; its error is logged once, here.
+
+        Nobody may await it (``update`` without ``wait``): an error left unretrieved
+        would be printed by asyncio as a traceback when the task is collected.
+        """
+        self._background.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if isinstance(error, OrganixmError):
+            self.log.info("background_refused", code=error.code, error=str(error))
+        elif error is not None:
+            self.log.error("background_failed", exc_info=error)
 
     def _delay(self, verdict: Verdict | None) -> float:
         daemon = self.config.daemon
@@ -196,6 +218,12 @@ def _install_signal_handlers(stop: asyncio.Event) -> Callable[[], None]:
     return restore
 
 
+def _startup_failed(log: structlog.stdlib.BoundLogger, exc: OrganixmError) -> int:
+    """One line saying what is wrong and what to do; 78 (EX_CONFIG) for configuration."""
+    log.error("startup_failed", error=str(exc), code=exc.code)
+    return 78 if exc.code == "config-invalid" else 1
+
+
 async def run_daemon(config: Config) -> int:
     """The composition root of the long-running daemon. Returns the exit code."""
     log = get_logger("organixmd.daemon", pid=os.getpid())
@@ -212,22 +240,29 @@ async def run_daemon(config: Config) -> int:
     try:
         engine = await build_engine(config, on_event=on_event)
     except OrganixmError as exc:
-        log.error("startup_failed", error=str(exc), code=exc.code)
-        return 78 if exc.code == "config-invalid" else 1
+        return _startup_failed(log, exc)
     port = engine.boot
     assert isinstance(port, GrubBootPort)  # noqa: S101 - build_engine wires GRUB boot control
     manager = BootManager(config, engine, port)
     reboot = Reboot(config)
     daemon = Daemon(config, engine, manager, reboot, hub, notifier)
     daemon_ref.append(daemon)
+    try:
+        # Resolves socket_group and admin_group: a group missing on this host is a
+        # configuration error, reported like every other one.
+        server = ControlServer(config, daemon)
+    except OrganixmError as exc:
+        return _startup_failed(log, exc)
     restore_signals = _install_signal_handlers(daemon.stop)
-    server = ControlServer(config, daemon)
     try:
         await manager.reconcile()
         # The last run's verdict may describe another boot (another slot, a slot since
         # marked bad): the first check of this run fetches the meta unconditionally.
         engine.state.meta_etag = None
-        await server.start()
+        try:
+            await server.start()
+        except OrganixmError as exc:
+            return _startup_failed(log, exc)
         log.info("started", socket=str(config.daemon.socket), booted=manager.booted)
         async with asyncio.TaskGroup() as group:
             tasks = [

@@ -26,6 +26,8 @@ Raising never logs: whoever decides the outcome logs once.
     ├── PolicyError            a release is refused by policy (downgrade, failed before)
     ├── Busy                   another operation is running (HTTP 409)
     ├── Cancelled              an operation was cancelled by an admin
+    ├── BadRequest             a control-socket request is malformed (HTTP 400)
+    ├── PermissionDenied       a control-socket peer may not change anything (HTTP 403)
     ├── KeyFileError           a minisign key cannot be read, decrypted or written
     └── PublishError           a release cannot be staged or written to its target
 """
@@ -146,6 +148,17 @@ class Busy(OrganixmError):
 class Cancelled(OrganixmError):
     code = "cancelled"
     status = 409
+
+
+class BadRequest(OrganixmError):
+    code = "bad-request"
+    status = 400
+    hint = "see docs/operations.md for the control socket's requests and their JSON bodies"
+
+
+class PermissionDenied(OrganixmError):
+    code = "permission-denied"
+    status = 403
 
 
 class KeyFileError(OrganixmError):

@@ -8,7 +8,8 @@ Two wire formats are read (docs/format.md is the specification):
   one zstd stream, no chunk table, no serial.
 
 Both are mapped onto :class:`Release`, the one view the rest of the code uses.
-Parsing bounds the input size before any JSON is decoded (invariant 5).
+Parsing bounds the input size and its nesting depth before any JSON is decoded
+(invariant 5).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pydantic import (
 )
 
 from organixmd.errors import MetaError
+from organixmd.jsondepth import too_deep
 
 SCHEMA_V1 = "organixm.meta/1"
 FORMAT_SEEKABLE = "zstd-seekable"
@@ -39,6 +41,9 @@ FORMAT_LEGACY = "raw+zstd"
 
 #: A meta larger than this is refused without being read further.
 MAX_META_BYTES = 1024 * 1024
+#: A valid meta nests 4 levels (document, image, chunks, chunk); this leaves room for
+#: future fields and stays far below Python's recursion limit.
+MAX_META_DEPTH = 32
 MIN_CHUNK_SIZE = 64 * 1024
 MAX_CHUNK_SIZE = 64 * 1024 * 1024
 #: 2**50 bytes (1 PiB): far beyond any disk, small enough that arithmetic stays exact.
@@ -177,6 +182,19 @@ class LegacyInternal(BaseModel):
     access_key: SecretStr
     secret_key: SecretStr
 
+    @field_validator("object_path")
+    @classmethod
+    def _key_in_bucket(cls, value: str) -> str:
+        # A key in the bucket root, never a path or URL that climbs out of it (the
+        # seed's own keys are plain "dir/name"; S3-compatible servers may normalise "..").
+        parts = value.split("/")
+        if ".." in parts or "." in parts or "" in parts or any(c < " " or c == "\\" for c in value):
+            raise ValueError(
+                "must be an object key in the bucket (no leading '/', no URL, no empty, "
+                "'.' or '..' components, no control characters or backslashes)"
+            )
+        return value
+
 
 class LegacyMeta(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -229,14 +247,21 @@ def _field_errors(exc: ValidationError) -> str:
 def parse_meta(data: bytes, *, source: str = "meta") -> Release:
     """Validate ``data`` as a release descriptor of either format.
 
-    Raises :class:`MetaError` naming the offending field. The size bound is checked
-    before the JSON is decoded.
+    Raises :class:`MetaError` naming the offending field. The size and nesting bounds
+    are checked before the JSON is decoded.
     """
     if len(data) > MAX_META_BYTES:
         raise MetaError(f"{source}: {len(data)} bytes, over the {MAX_META_BYTES}-byte limit")
+    deep = too_deep(data, MAX_META_DEPTH)
+    if deep is not None:
+        raise MetaError(
+            f"{source}: the JSON nests deeper than {MAX_META_DEPTH} levels (at byte {deep})"
+        )
     try:
         document: Any = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:
+        # JSONDecodeError and UnicodeDecodeError, and the plain ValueError of an integer
+        # longer than Python converts (4,300 digits).
         raise MetaError(f"{source}: not valid JSON: {exc}") from exc
     if not isinstance(document, dict):
         raise MetaError(f"{source}: must be a JSON object, got {type(document).__name__}")

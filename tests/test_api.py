@@ -207,6 +207,10 @@ def test_events_stream_status_then_check_events(api_host: Host) -> None:
         ("POST", "/v1/mark-bad", b'{"reason": 5}', 400, "bad-request"),
         ("POST", "/v1/mark-bad", json.dumps({"reason": "x" * 201}).encode(), 400, "bad-request"),
         ("POST", "/v1/check", b'{"pad": "' + b"x" * 20000 + b'"}', 413, "request-too-large"),
+        ("POST", "/v1/check", b"[" * 10000, 400, "bad-request"),
+        ("POST", "/v1/update", b'{"wait": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "bad-request"),
+        ("POST", "/v1/check", b'{"force": true, "x": "\xff\xfe"}', 400, "bad-request"),
+        ("POST", "/v1/check", b'{"force": ' + b"9" * 5000 + b"}", 400, "bad-request"),
     ],
 )
 def test_bad_requests_get_problem_json(
@@ -224,6 +228,55 @@ def test_bad_requests_get_problem_json(
     assert problem["detail"]
     assert "Traceback" not in answer.body.decode()
     _assert_still_serving(api_host)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "detail"),
+    [
+        ("text/plain", "must be JSON (Content-Type: application/json), not 'text/plain'"),
+        ("application/x-www-form-urlencoded", "must be JSON"),
+        ("application/json; charset=no-such-charset", "nests deeper than 8 levels"),
+        ("application/json; charset=utf-16", "nests deeper than 8 levels"),
+    ],
+)
+def test_body_content_type_and_charset(api_host: Host, content_type: str, detail: str) -> None:
+    """A body that is not JSON by its type is refused; a JSON body is read as UTF-8
+    whatever charset the header names (an unknown one was a 500)."""
+    body = b'{"force": ' + b"[" * 9 + b"]" * 9 + b"}"
+    answer = request(api_host.socket, "POST", "/v1/check", body, {"Content-Type": content_type})
+    assert answer.status == 400, answer.body
+    assert answer.json()["code"] == "bad-request"
+    assert detail in answer.json()["detail"]
+
+
+def _daemon_log(host: Host) -> str:
+    (log,) = host.root.glob("organixmd-*.log")
+    return log.read_text(errors="replace")
+
+
+def test_refused_requests_are_one_log_line_each_without_traceback(api_host: Host) -> None:
+    """Each refused request is one ``request_refused`` line naming its code; bytes that are
+    not HTTP are one ``request_malformed`` line; neither carries a traceback."""
+    before = _daemon_log(api_host)
+    bodies = [b"{not json", b"[" * 10000, b'{"force": "\xff"}', b"[1]"]
+    for body in bodies:
+        assert _post(api_host, "/v1/check", raw=body).status == 400
+    assert _get(api_host, "/v1/nothing-here").status == 404
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(api_host.socket))
+        sock.sendall(b"GET /v1/status HTTP/1.1\r\nBad Header Name: x\r\n\r\n")
+        assert b" 400 " in sock.recv(4096)
+    _assert_still_serving(api_host)
+    new = _daemon_log(api_host)[len(before) :]
+    lines = [json.loads(line) for line in new.splitlines() if line.strip()]
+    refused = [line for line in lines if line["event"] == "request_refused"]
+    assert [(r["status"], r["code"]) for r in refused] == [(400, "bad-request")] * len(bodies) + [
+        (404, "not-found")
+    ]
+    assert [line["event"] for line in lines].count("request_malformed") == 1
+    assert "Traceback" not in new
+    assert all("exception" not in line for line in lines)
 
 
 def test_bad_flag_starts_nothing(api_host: Host) -> None:

@@ -16,6 +16,7 @@ The socket lives in a short directory under /tmp that every user may traverse
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import os
@@ -297,6 +298,41 @@ def request(
         connection.close()
 
 
+def as_user(user: str) -> list[str]:
+    """The ``setpriv`` prefix that runs a command as ``user``:nogroup, no other groups."""
+    return ["setpriv", f"--reuid={user}", "--regid=nogroup", "--clear-groups"]
+
+
+#: Interpreters to try for another user: this one's base (the venv lives in the
+#: checkout, which another user may not read), then the system's.
+_PYTHON_CANDIDATES = (
+    str(Path(sys.base_prefix) / "bin" / "python3"),
+    "/usr/bin/python3",
+    "/usr/local/bin/python3",
+)
+
+
+@functools.cache
+def python_for(user: str) -> str:
+    """A Python interpreter ``user`` can run (it must read the binary and its stdlib).
+
+    Fails loudly when there is none: a test run as another user cannot run otherwise.
+    """
+    tried = []
+    for candidate in dict.fromkeys(_PYTHON_CANDIDATES):
+        probe = subprocess.run(
+            [*as_user(user), candidate, "-E", "-s", "-c", "import json, socket, argparse"],
+            capture_output=True,
+            text=True,
+            cwd="/",
+            check=False,
+        )
+        if probe.returncode == 0:
+            return candidate
+        tried.append(f"{candidate}: {(probe.stderr.strip() or 'exit ' + str(probe.returncode))}")
+    raise AssertionError(f"no Python that {user} may run:\n" + "\n".join(tried))
+
+
 def organixctl(
     *args: str,
     socket_path: Path | None = None,
@@ -307,28 +343,43 @@ def organixctl(
     """Run the real ``organixctl`` (``python -m organixctl``) as a subprocess.
 
     ``user="nobody"`` runs it through ``setpriv`` as nobody:nogroup with no
-    supplementary groups.
+    supplementary groups. The checkout (and the venv in it) may be unreadable to
+    nobody (a clone under a 0700 directory), so the client, which is stdlib-only,
+    is copied to a directory every user may read and run by an interpreter nobody
+    can run (:func:`python_for`).
     """
-    command = [sys.executable, "-m", "organixctl", *args]
-    if socket_path is not None:
-        command += ["--socket", str(socket_path)]
-    if user is not None:
-        command = [
-            "setpriv",
-            f"--reuid={user}",
-            "--regid=nogroup",
-            "--clear-groups",
-            *command,
-        ]
-    return subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env={**os.environ, **(env or {})},
-        check=False,
-    )
+    options = [] if socket_path is None else ["--socket", str(socket_path)]
+    if user is None:
+        return subprocess.run(
+            [sys.executable, "-m", "organixctl", *args, *options],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=REPO,
+            env={**os.environ, **(env or {})},
+            check=False,
+        )
+    with tempfile.TemporaryDirectory(prefix="oxm-ctl-", dir="/tmp") as copy:
+        Path(copy).chmod(0o755)
+        shutil.copytree(
+            REPO / "organixctl",
+            Path(copy) / "organixctl",
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
+        # The copy keeps the checkout's modes, which a umask of 077 makes private.
+        for path in Path(copy).rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        # -E -s: no PYTHON* variables, no user site; -m finds the copy in the cwd.
+        command = [*as_user(user), python_for(user), "-E", "-s", "-m", "organixctl"]
+        return subprocess.run(
+            [*command, *args, *options],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=copy,
+            env={**os.environ, **(env or {})},
+            check=False,
+        )
 
 
 # ---------------------------------------------------------------------------- releases

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -42,6 +42,7 @@ from organixmd.errors import (
     PolicyError,
     SignatureError,
     SlotError,
+    SourceChanged,
     SourceError,
 )
 from organixmd.logsetup import get_logger
@@ -61,6 +62,12 @@ from organixmd.state import (
 from organixmd.state import (
     Progress as Checkpoint,
 )
+
+#: Verdicts decided by the meta (and what this boot runs) alone: an unchanged meta gives
+#: the same answer, so the next poll may ask conditionally. Any other blocked verdict
+#: (slot too small, mounted, booted slot unknown) depends on the host, which can be
+#: fixed without a new meta: the next check must fetch the meta and decide afresh.
+META_ONLY_VERDICTS = frozenset({"up-to-date", "downgrade-refused", "release-failed-before"})
 
 
 class Phase(StrEnum):
@@ -318,8 +325,9 @@ class Engine:
         async with self._source_factory() as source:
             fetched = await source.fetch_meta(reuse_etag)
             if fetched is None and last is not None:
+                message = last.message.removeprefix("meta unchanged: ")
                 verdict = self._verdict(
-                    last.outcome, last.code, f"meta unchanged: {last.message}", last.release
+                    last.outcome, last.code, f"meta unchanged: {message}", last.release
                 )
                 return await self._conclude(verdict, keep_etag=reuse_etag)
             if fetched is None:
@@ -331,7 +339,7 @@ class Engine:
             self.current = ref
             decision = await self._decide(release, ref, booted, force)
             if decision is not None:
-                keep = fetched.etag if decision.outcome in ("up-to-date", "blocked") else None
+                keep = fetched.etag if decision.code in META_ONLY_VERDICTS else None
                 return await self._conclude(decision, keep_etag=keep)
             self.log.info(
                 "update_found",
@@ -529,19 +537,26 @@ class Engine:
             await self.persist()
 
         self._set_phase(Phase.DOWNLOADING)
-        installer = Installer(
-            release,
-            source,
-            self.slots[target].path,
-            buffers=self.config.install.buffers,
-            readback=self.config.install.readback,
-            on_verify=lambda: self._set_phase(Phase.VERIFYING),
-            on_progress=self._on_progress,
-            on_checkpoint=on_checkpoint if release.resumable else None,
-            checkpoint_interval=self.config.install.checkpoint_interval,
-        )
+        installer = self._installer(release, target, source, on_checkpoint)
         try:
-            result = await installer.run(start, etag)
+            try:
+                result = await installer.run(start, etag)
+            except SourceChanged as exc:
+                if start == 0:
+                    raise
+                # The object was replaced since the checkpoint (say a truncated upload
+                # was put right): the chunks on the device may belong to the old bytes.
+                # Start over from chunk 0 now instead of failing every later check.
+                log.warning("resume_refused", detail=str(exc), resumed_from=start)
+                start, checkpoint.chunks_done, checkpoint.etag = 0, 0, None
+                await self.persist()
+                installer = self._installer(release, target, source, on_checkpoint)
+                result = await installer.run(0, None)
+        except SourceChanged:
+            # Never resume against an object that changed: the next check starts over.
+            self.state.progress = None
+            await self.persist()
+            raise
         except (SourceError, OSError):
             # Progress stays: the next check resumes from the last checkpoint.
             raise
@@ -571,6 +586,25 @@ class Engine:
             readback=self.config.install.readback,
         )
         return await self._stage(release, ref, target, log)
+
+    def _installer(
+        self,
+        release: Release,
+        target: SlotName,
+        source: Source,
+        on_checkpoint: Callable[[int, str | None], Awaitable[None]],
+    ) -> Installer:
+        return Installer(
+            release,
+            source,
+            self.slots[target].path,
+            buffers=self.config.install.buffers,
+            readback=self.config.install.readback,
+            on_verify=lambda: self._set_phase(Phase.VERIFYING),
+            on_progress=self._on_progress,
+            on_checkpoint=on_checkpoint if release.resumable else None,
+            checkpoint_interval=self.config.install.checkpoint_interval,
+        )
 
     async def _stage(
         self, release: Release, ref: ReleaseRef, target: SlotName, log: Any

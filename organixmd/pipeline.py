@@ -173,7 +173,13 @@ class _Stages:
 
     def close(self) -> None:
         for buffer in self._all_buffers:
-            buffer.close()
+            try:
+                buffer.close()
+            except BufferError:
+                # A view of it is still referenced (by a traceback on its way up, say).
+                # The mapping is freed with its last view; closing it here must never
+                # replace the error that ended the install.
+                continue
 
 
 class _QueueReader:
@@ -191,11 +197,11 @@ class _QueueReader:
             if self._eof:
                 return b""
             piece = self._pieces.get()
+            if self._stages.abort.is_set():
+                raise _Aborted
             if piece is _STOP:
                 self._eof = True
                 return b""
-            if self._stages.abort.is_set():
-                raise _Aborted
             self._stages.loop.call_soon_threadsafe(self._on_consumed)
             self._pending = memoryview(piece)
         take = len(self._pending) if size < 0 else min(size, len(self._pending))
@@ -261,6 +267,11 @@ class Installer:
         if not self.release.resumable:
             start_chunk = 0
         self._started = time.monotonic()
+        if self.release.image is not None and start_chunk:
+            # Chunks below start_chunk are on the device: a checkpoint written before the
+            # first new chunk arrives (say the resumed request fails) must keep them.
+            self._chunks_done = start_chunk
+            self._bytes_done = start_chunk * self.release.image.chunk_size
         try:
             writer = (
                 DiscardWriter()
@@ -337,8 +348,6 @@ class Installer:
         if start_chunk == 0 or image is None or self.slot_path is None:
             return hashlib.sha256()
         prefix = start_chunk * image.chunk_size
-        self._bytes_done = prefix
-        self._chunks_done = start_chunk
         try:
             return await asyncio.to_thread(
                 hash_device, self.slot_path, prefix, None, self.slot_offset
@@ -438,7 +447,9 @@ class Installer:
                     buffer = stages.take_buffer()
                     view = memoryview(buffer)
                     try:
-                        filled = _decompress_frame(dctx, frame, view, expected, where, index)
+                        filled = _decompress_frame(
+                            dctx, frame, view, expected, where, index, image.chunks[index].offset
+                        )
                         if not check_in_writer:
                             check_chunk(index, hashlib.sha256(view[:filled]).hexdigest())
                     finally:
@@ -547,13 +558,18 @@ class Installer:
                     break
                 self._downloaded += len(piece)
                 pieces.put(piece)
-            pieces.put(_STOP)
+        except BaseException:
+            # The download failed (or was cancelled): the decompressor must not take
+            # the end of the pieces for the end of the image.
+            stages.abort.set()
+            raise
         finally:
             if stream is not None:
                 await stream.aclose()
             if self._failure is not None:
                 stages.abort.set()
-                pieces.put(_STOP)
+            # Always: the decompressor waits on this queue, whatever ended the download.
+            pieces.put(_STOP)
             await self._finish_stages(stages, futures)
         self._raise_failure()
         return etag
@@ -571,7 +587,10 @@ def _fill(stream: Any, view: memoryview) -> int:
     """Read from a zstandard stream reader until ``view`` is full or the stream ends."""
     filled = 0
     while filled < len(view):
-        got: int = stream.readinto(view[filled:])
+        # Each slice is released at once, even when readinto raises: an exported
+        # view keeps its buffer from being closed.
+        with view[filled:] as rest:
+            got: int = stream.readinto(rest)
         if got == 0:
             break
         filled += got
@@ -585,17 +604,29 @@ def _decompress_frame(
     expected: int,
     where: str,
     index: int,
+    offset: int,
 ) -> int:
     """Decompress one frame into ``view``; exactly ``expected`` bytes or ImageError."""
-    with dctx.stream_reader(frame, read_across_frames=False) as reader:
-        filled = _fill(reader, view[:expected])
-        if filled < expected:
-            raise ImageError(
-                f"image {where}: chunk {index} decompresses to {filled} bytes, expected {expected}"
-            )
-        if reader.read(1):
-            raise ImageError(
-                f"image {where}: chunk {index} decompresses to more than its {expected} bytes; "
-                "refused (a frame larger than its chunk is a decompression bomb)"
-            )
+    try:
+        with (
+            dctx.stream_reader(frame, read_across_frames=False) as reader,
+            view[:expected] as target,
+        ):
+            filled = _fill(reader, target)
+            extra = reader.read(1)
+    except zstandard.ZstdError as exc:
+        raise ImageError(
+            f"image {where}: chunk {index} (compressed bytes {offset}-{offset + len(frame) - 1}) "
+            f"is not a valid zstd frame: {exc}"
+        ) from None
+    if filled < expected:
+        raise ImageError(
+            f"image {where}: chunk {index} (compressed bytes {offset}-{offset + len(frame) - 1}) "
+            f"decompresses to {filled} bytes, expected {expected}"
+        )
+    if extra:
+        raise ImageError(
+            f"image {where}: chunk {index} decompresses to more than its {expected} bytes; "
+            "refused (a frame larger than its chunk is a decompression bomb)"
+        )
     return filled

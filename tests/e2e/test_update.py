@@ -1,6 +1,6 @@
 """A real Debian guest updates itself across real reboots (QEMU TCG, the project's GRUB).
 
-Scenario 1: committed slot a finds 2.0 on a USB stick (a second virtual disk),
+Scenario 1 (then 2 on the same disk): committed slot a finds 2.0 on a USB stick (a second virtual disk),
 installs it, flips and reboots; slot b boots on trial and is committed through
 boot-complete.target; a service ordered After=organixm-update.service starts
 only after READY. Asserted from inside (report lines on the serial console) and
@@ -23,6 +23,7 @@ pytestmark = pytest.mark.e2e
 
 R1 = Release("1.0", 1)
 R2 = Release("2.0", 2)
+R3 = Release("3.0", 3, behaviour="fail")
 
 
 def _usec(units: dict[str, Any], unit: str, prop: str) -> int:
@@ -94,3 +95,34 @@ def test_update_trial_commit_bios(work: Path) -> None:
     ]
     assert ready_lines, "no 'ready' line of organixmd in the guest's journal"
     print(f"scenario 1 (BIOS) total {time.monotonic() - started:.0f} s")
+
+    # Scenario 2: 3.0's success unit fails: mark-bad, reboot, b (2.0) again, never reinstalled.
+    started = time.monotonic()
+    images.mkdir()
+    img3 = harness.build_release_image(tree, R3, images / "r3.img")
+    harness.publish(img3, R3, stick_dir)
+    shutil.rmtree(images)
+    stick = harness.make_stick(stick_dir, work / "stick.img")
+    three = harness.boot(disk, stick, work / "boot3.log")
+    print(f"boot 3: {three.end} after {three.seconds:.0f} s; {three.grub_line()}")
+    assert "organixm: booting slot b (committed)" in three.serial
+    assert three.end == "reboot", three.serial[-4000:]
+    assert harness.read_boot_state(disk).a.state == "trial"
+    four = harness.boot(disk, stick, work / "boot4.log")
+    print(f"boot 4: {four.end} after {four.seconds:.0f} s; {four.grub_line()}")
+    assert "organixm: booting slot a (trial)" in four.serial
+    assert "E2E-SUCCESS fail" in four.serial
+    assert four.end == "reboot", four.serial[-4000:]
+    state = harness.read_boot_state(disk)
+    assert state.a.state == "bad"
+    assert state.order == ("b", "a")
+    five = harness.boot(disk, stick, work / "boot5.log")
+    print(f"boot 5: {five.end} after {five.seconds:.0f} s; {five.grub_line()}")
+    assert "organixm: booting slot b (committed)" in five.serial
+    assert five.end == "poweroff", five.serial[-4000:]
+    status = five.report["status"]
+    assert status["boot"]["booted"] == "b"
+    assert status["verdict"]["code"] == "release-failed-before", status["verdict"]
+    assert status["failed_releases"] >= 1
+    assert harness.read_boot_state(disk).a.state == "bad"
+    print(f"scenario 2 (BIOS) total {time.monotonic() - started:.0f} s")

@@ -1,10 +1,12 @@
 """A real Debian guest updates itself across real reboots (QEMU TCG, the project's GRUB).
 
-Scenario 1 (then 2 on the same disk): committed slot a finds 2.0 on a USB stick (a second virtual disk),
-installs it, flips and reboots; slot b boots on trial and is committed through
-boot-complete.target; a service ordered After=organixm-update.service starts
-only after READY. Asserted from inside (report lines on the serial console) and
-from outside (grubenv and the persistent journal read from the disk image).
+One boot sequence on one disk. Scenario 1: committed slot a finds 2.0 on a USB
+stick (a second virtual disk), installs it, flips and reboots; slot b boots on
+trial and is committed through boot-complete.target; a service ordered
+After=organixm-update.service starts only after READY. Scenario 2: 3.0's success
+unit fails, mark-bad reboots, b (2.0) boots again and 3.0 is refused as failed
+before. Asserted from inside (report lines on the serial console) and from
+outside (grubenv and the persistent journal read from the disk image).
 """
 
 from __future__ import annotations

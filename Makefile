@@ -9,14 +9,15 @@ STAMP := $(VENV)/.installed
 # Debian packages the tests, the demo and the benchmarks use.
 APT_PACKAGES := minisign nginx-light zstd curl e2fsprogs util-linux fdisk gdisk \
 	grub-common grub-pc-bin grub-efi-amd64-bin grub-emu qemu-system-x86 ovmf \
-	dosfstools mtools libsystemd-dev pkg-config gcc nix-bin zsh
+	dosfstools mtools libsystemd-dev pkg-config gcc nix-bin zsh mmdebstrap
 
-.PHONY: help deps venv lint typecheck nix-parse test faults demo bench clean
+.PHONY: help deps venv lint typecheck nix-parse test faults e2e demo bench clean
 
 help:
 	@echo "make demo   publish a release to a local S3 server, let the daemon install and flip it"
 	@echo "make test   install everything, then format check, lint, type check and the test suite"
 	@echo "make faults the fault suite: the real daemon through network, device, crash and input faults"
+	@echo "make e2e    a real Debian guest updates itself across reboots in QEMU (needs root)"
 	@echo "make bench  run the benchmarks in bench/ (prints figures and reference ratios)"
 
 deps:
@@ -51,10 +52,15 @@ nix-parse: deps
 	echo "nix-instantiate --parse: $$(echo $$files | wc -w) files ok"
 
 test: venv lint typecheck nix-parse
-	$(VENV)/bin/pytest -q --ignore=tests/faults
+	$(VENV)/bin/pytest -q --ignore=tests/faults --ignore=tests/e2e
 
 faults: venv
 	$(VENV)/bin/pytest -q tests/faults
+
+# A real Debian guest in QEMU; the guest tree is cached in $$ORGANIXM_E2E_CACHE
+# (default /var/cache/organixm-e2e).
+e2e: venv
+	$(VENV)/bin/pytest -q -s tests/e2e
 
 demo: venv
 	$(PY) -m tests.demo

@@ -25,7 +25,7 @@ from organixmd.boot import BootState
 from organixmd.bootport import GrubBootPort
 from organixmd.config import Config
 from organixmd.engine import Engine
-from organixmd.errors import BootError, OrganixmError, PolicyError, SlotError
+from organixmd.errors import BootError, PolicyError, RebootError, SlotError
 from organixmd.logsetup import get_logger
 from organixmd.slots import SlotName, other
 from organixmd.state import SlotRecord, utcnow
@@ -226,7 +226,16 @@ class BootManager:
         if state is None or state.slot(self.booted).state != "trial":
             return
         await self.mark_bad(f"not committed within {self.config.boot.commit_deadline:.0f}s of boot")
-        await on_failed.request("trial deadline passed")
+        try:
+            await on_failed.request("trial deadline passed")
+        except RebootError as exc:
+            # The slot is marked bad either way: the next boot falls back. A failing reboot
+            # command must not take the daemon (and its socket) down with it.
+            self.log.error("reboot_failed", reason="trial deadline passed", error=str(exc))
+
+
+#: Seconds a reboot command may take to return (systemctl reboot returns at once).
+REBOOT_COMMAND_TIMEOUT = 60.0
 
 
 class Reboot:
@@ -272,15 +281,24 @@ class Reboot:
 
     async def run(self, why: str) -> bool:
         self.log.warning("rebooting", reason=why, command=" ".join(self.config.reboot_command))
+        command = " ".join(self.config.reboot_command)
+        self.pending = why
         try:
             process = await asyncio.create_subprocess_exec(*self.config.reboot_command)
-            code = await process.wait()
         except OSError as exc:
-            raise OrganixmError(
-                f"reboot command {self.config.reboot_command[0]!r} failed: {exc.strerror}"
-            ) from exc
+            raise RebootError(f"reboot command {command!r} failed: {exc.strerror}") from exc
+        try:
+            async with asyncio.timeout(REBOOT_COMMAND_TIMEOUT):
+                code = await process.wait()
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise RebootError(
+                f"reboot command {command!r} did not return within "
+                f"{REBOOT_COMMAND_TIMEOUT:.0f}s; killed it"
+            ) from None
         if code != 0:
-            raise OrganixmError(f"reboot command exited with {code}")
+            raise RebootError(f"reboot command {command!r} exited with {code}")
         self.pending = None
         return True
 
@@ -289,7 +307,7 @@ class Reboot:
         while True:
             if self.pending is not None and self.config.reboot == "window":
                 if self.in_window():
-                    with contextlib.suppress(OrganixmError):
+                    with contextlib.suppress(RebootError):
                         await self.run(self.pending)
                     return
                 await asyncio.sleep(min(self.seconds_until_window(), 3600))

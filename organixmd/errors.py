@@ -22,6 +22,7 @@ Raising never logs: whoever decides the outcome logs once.
     │   └── SourceChanged      object replaced while resuming
     ├── SlotError              the target slot cannot be written
     ├── BootError              GRUB environment cannot be read or written
+    ├── RebootError            the reboot command failed or did not return
     ├── StateError             state file unreadable or unwritable
     ├── PolicyError            a release is refused by policy (downgrade, failed before)
     ├── Busy                   another operation is running (HTTP 409)
@@ -127,6 +128,11 @@ class SlotError(OrganixmError):
 class BootError(OrganixmError):
     code = "boot-control-error"
     hint = "check the grubenv path and that the boot partition is mounted read-write"
+
+
+class RebootError(OrganixmError):
+    code = "reboot-failed"
+    hint = "check boot.reboot_command; the reboot stays pending and the admin may reboot by hand"
 
 
 class StateError(OrganixmError):

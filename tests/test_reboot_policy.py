@@ -148,3 +148,35 @@ async def test_window_policy_defers_outside_the_window() -> None:
         policy = _window_policy("12:00-12:01")
     assert await policy.request("2.0 staged") is False
     assert policy.pending == "2.0 staged"
+
+
+def test_deadline_with_a_failing_reboot_command_keeps_the_daemon_running(
+    tmp_path: Path, images: list[Path]
+) -> None:
+    """A reboot command that fails inside the deadline watcher is logged, not fatal: the
+    slot is marked bad, the daemon keeps answering, and the reboot stays pending."""
+    release = build_release(images[0], tmp_path / "pub", version="1.0", serial=1)
+    host = prepare_host(
+        tmp_path / "host", release.url, installed=images[0], reboot_command=("false",)
+    )
+    build_release(images[1], tmp_path / "pub", version="2.0", serial=2)
+    try:
+        with DaemonProcess(host).start() as daemon:
+            daemon.wait_ready()
+            assert daemon.stop() == 0
+        assert host.reboot().slot == "b"
+        set_boot(host, reboot="immediately", commit_deadline=1)
+        with DaemonProcess(host).start() as daemon:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and host.boot_state().b.state != "bad":
+                time.sleep(0.05)
+            assert host.boot_state().b.state == "bad"
+            while time.monotonic() < deadline and "reboot_failed" not in daemon.output():
+                time.sleep(0.05)
+            status = daemon.wait_ready()
+            assert status["reboot_pending"] == "trial deadline passed"
+            assert "reboot_failed" in daemon.output()
+            assert "Traceback" not in daemon.output()
+            assert daemon.stop() == 0
+    finally:
+        host.cleanup()

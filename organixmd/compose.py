@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+from organixmd import hostlock
 from organixmd.config import Config
 from organixmd.engine import BootPort, Engine, EventSink, load_public_keys
 from organixmd.logsetup import get_logger
@@ -25,11 +26,13 @@ def build_boot_port(config: Config) -> BootPort:
 async def build_engine(config: Config, on_event: EventSink | None = None) -> Engine:
     """Load keys and state and wire the engine. Raises ConfigError/StateError."""
     keys = load_public_keys(config)
+    # Before the state is read: only the lock's holder may act on it (one writer per host).
+    lock = await asyncio.to_thread(hostlock.acquire, config.daemon.state_dir)
     store = StateStore(config.daemon.state_dir)
     state, note = await asyncio.to_thread(store.load)
     if note is not None:
         get_logger("organixmd").warning("state_reset", detail=note)
-    return Engine(
+    engine = Engine(
         config,
         store,
         state,
@@ -37,3 +40,5 @@ async def build_engine(config: Config, on_event: EventSink | None = None) -> Eng
         public_keys=keys,
         on_event=on_event,
     )
+    engine.lock = lock
+    return engine

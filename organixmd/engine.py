@@ -45,6 +45,7 @@ from organixmd.errors import (
     SourceChanged,
     SourceError,
 )
+from organixmd.hostlock import HostLock
 from organixmd.logsetup import get_logger
 from organixmd.meta import Release, parse_meta
 from organixmd.pipeline import Installer, Progress
@@ -199,6 +200,8 @@ class Engine:
         self.host_id = read_host_id(config.daemon.host_id_file)
         self.log = get_logger("organixmd.engine")
         self.slots = slot_paths(config.slots)
+        #: The host's writer lock, held while this engine lives (set by the composition root).
+        self.lock: HostLock | None = None
 
     # ------------------------------------------------------------------ helpers
 

@@ -350,7 +350,10 @@ in
       wants = [ "network-online.target" ];
       after = [ "network-online.target" ];
       restartTriggers = [ configFile ];
-      unitConfig.RequiresMountsFor = [ grubDir ];
+      # No RequiresMountsFor on the boot partition: without it the daemon still starts,
+      # sends READY (units ordered after it are not held up) and status says the boot
+      # partition is missing; "-" in ReadWritePaths below is for the same reason.
+      unitConfig.RequiresMountsFor = [ "/var/lib/organixm" ];
 
       serviceConfig = {
         # READY=1 comes after the boot-time check (nothing new, release

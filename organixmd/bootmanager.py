@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from organixmd.boot import BootState
 from organixmd.bootport import GrubBootPort
@@ -42,10 +43,22 @@ class BootReport:
     explanation: str
 
 
-def explain(state: BootState | None, booted: SlotName | None) -> BootReport:
+def explain(
+    state: BootState | None, booted: SlotName | None, *, unmounted: Path | None = None
+) -> BootReport:
     if booted is None:
         return BootReport(
             None, None, None, False, "not booted through organixm's GRUB (no organixm.slot=)"
+        )
+    if unmounted is not None:
+        return BootReport(
+            booted,
+            None,
+            None,
+            False,
+            f"the GRUB environment's directory {unmounted} does not exist: is the boot "
+            "partition mounted? Updates cannot be flipped until it is (mount it, then "
+            "restart organixm-update.service)",
         )
     if state is None:
         return BootReport(booted, None, None, False, "the GRUB environment is unreadable")
@@ -99,6 +112,14 @@ class BootManager:
         """Run once at start: repair the env, learn why we booted, record a fallback."""
         booted = self.booted
         state = await self.read()
+        directory = self.port.control.primary.parent
+        if state is None and booted is not None and not directory.is_dir():
+            # The boot partition is not mounted: nothing can be flipped, but the daemon
+            # still starts, answers status and sends READY (units ordered after it start).
+            self.report = explain(None, booted, unmounted=directory)
+            self.log.error("boot_env_missing", detail=self.report.explanation)
+            await self.engine.persist()
+            return self.report
         if state is None and booted is not None:
             state = await asyncio.to_thread(self.port.control.repair, booted)
             self.engine.state.record("env-repaired", slot=booted)

@@ -180,3 +180,28 @@ def test_deadline_with_a_failing_reboot_command_keeps_the_daemon_running(
             assert daemon.stop() == 0
     finally:
         host.cleanup()
+
+
+def test_missing_boot_partition_is_reported_and_nothing_is_written(
+    tmp_path: Path, images: list[Path]
+) -> None:
+    """With the GRUB environment's directory absent (boot partition not mounted) the daemon
+    starts, gets ready, says why in status, and writes no slot and no environment."""
+    release = build_release(images[0], tmp_path / "pub", version="1.0", serial=1)
+    host = prepare_host(tmp_path / "host", release.url, installed=images[0])
+    build_release(images[1], tmp_path / "pub", version="2.0", serial=2)
+    boot_dir = host.grubenv.parent
+    boot_dir.rename(boot_dir.with_name("boot-unmounted"))
+    slot_b = host.slots["b"].read_bytes()
+    try:
+        with DaemonProcess(host).start() as daemon:
+            status = daemon.wait_ready()
+            assert "is the boot partition mounted?" in status["boot"]["explanation"]
+            assert status["verdict"]["outcome"] == "error", status["verdict"]
+            assert status["verdict"]["code"] == "boot-control-error"
+            assert "Traceback" not in daemon.output()
+            assert daemon.stop() == 0
+        assert not boot_dir.exists()
+        assert host.slots["b"].read_bytes() == slot_b
+    finally:
+        host.cleanup()

@@ -427,12 +427,16 @@ class BootControl:
 
 
 def booted_slot_from_cmdline(cmdline: str) -> Slot | None:
-    """The ``organixm.slot=`` value GRUB put on the kernel command line, if any."""
+    """The ``organixm.slot=`` value GRUB put on the kernel command line, if any.
+
+    The one parser of it (the daemon's :func:`organixmd.slots.booted_slot` uses it):
+    the FIRST occurrence wins, since GRUB's words come before a release's params.
+    An invalid first value means unknown; a later occurrence is never consulted.
+    """
     for word in cmdline.split():
         if word.startswith("organixm.slot="):
             value = word.partition("=")[2]
-            if is_slot(value):
-                return value
+            return value if is_slot(value) else None
     return None
 
 

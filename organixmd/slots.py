@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from organixmd.blockio import device_size, round_up
+from organixmd.boot import booted_slot_from_cmdline
 from organixmd.config import SlotsConfig
 from organixmd.errors import SlotError
 
@@ -27,18 +28,15 @@ def other(slot: SlotName) -> SlotName:
 
 
 def booted_slot(cmdline: Path) -> SlotName | None:
-    """The slot named by ``organixm.slot=`` in the kernel command line, if any."""
+    """The slot named by ``organixm.slot=`` in the kernel command line file, if any.
+
+    Parsed by :func:`organixmd.boot.booted_slot_from_cmdline` (first occurrence wins).
+    """
     try:
-        words = cmdline.read_text().split()
+        text = cmdline.read_text()
     except OSError:
         return None
-    found: SlotName | None = None
-    for word in words:
-        if word.startswith("organixm.slot="):
-            value = word.partition("=")[2]
-            # The last occurrence wins, as for every kernel parameter.
-            found = value if value in SLOTS else None
-    return found
+    return booted_slot_from_cmdline(text)
 
 
 @dataclass(frozen=True, slots=True)

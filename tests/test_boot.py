@@ -328,6 +328,8 @@ def test_boot_env_is_a_grub_env_block_with_the_entry(tmp_path: Path) -> None:
         ("BOOT_IMAGE=/k organixm.slot=b init=/init quiet", "b"),
         ("organixm.slot=c", None),
         ("quiet", None),
+        ("organixm.slot=a quiet organixm.slot=b", "a"),
+        ("organixm.slot=c organixm.slot=b", None),
     ],
 )
 def test_booted_slot_from_cmdline(cmdline: str, slot: str | None) -> None:

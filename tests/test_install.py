@@ -297,23 +297,8 @@ async def test_resume_after_interruption(tmp_path: Path, rootfs: Path) -> None:
     """An install cancelled half-way resumes at its checkpoint and the result verifies."""
     host = Host(tmp_path)
     release = build_release(rootfs, tmp_path / "pub", chunk_size=256 * 1024)
-    fast_checkpoints = "[install]\ncheckpoint_interval = 0.0"
-    engine = host.engine(release.url, extra=fast_checkpoints, slow=0.002)
-    task = asyncio.create_task(engine.check())
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        await asyncio.sleep(0.005)
-        progress = engine.state.progress
-        if progress is not None and progress.chunks_done >= 20:
-            break
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert engine.phase.value == "idle"
-    saved = host.state()["progress"]
-    assert saved is not None
-    done = saved["chunks_done"]
-    assert 0 < done < len(release.meta.image.chunks)
+    done = await _interrupted_install(host, release, chunks=20)
+    assert done < len(release.meta.image.chunks)
     verdict = await host.engine(release.url).check()
     assert verdict.outcome == "staged", verdict.message
     history = host.state()["history"]
@@ -465,19 +450,21 @@ async def test_damaged_frame_is_image_invalid_naming_the_chunk(
     assert host.state()["slots"] == {}
 
 
-async def _interrupted_install(host: Host, release: Any) -> int:
-    """Start an install, cancel it after some chunks; return the checkpoint's chunks_done."""
+async def _interrupted_install(host: Host, release: Any, chunks: int = 10) -> int:
+    """Start an install, cancel it after ``chunks`` chunks (a shutdown: the engine goes back
+    to idle); return the checkpoint's chunks_done."""
     engine = host.engine(release.url, extra="[install]\ncheckpoint_interval = 0.0", slow=0.002)
     task = asyncio.create_task(engine.check())
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         await asyncio.sleep(0.005)
         progress = engine.state.progress
-        if progress is not None and progress.chunks_done >= 10:
+        if progress is not None and progress.chunks_done >= chunks:
             break
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    assert engine.phase.value == "idle"
     done: int = host.state()["progress"]["chunks_done"]
     assert done > 0
     return done

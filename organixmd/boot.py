@@ -181,6 +181,12 @@ def flipped(state: BootState, target: Slot, tries: int, *, booted: Slot | None) 
             f"refusing to flip to slot {target}: it is the booted slot",
             hint="updates go to the other slot; check organixm.slot on the kernel command line",
         )
+    if booted is not None and state.slot(booted).state == "bad":
+        raise SlotError(
+            f"refusing to flip to slot {target}: the GRUB environment has the booted slot "
+            f"{booted} marked bad, so slot {target} may be the only good one",
+            hint="reboot so GRUB boots the slot its environment chooses",
+        )
     if booted is not None and state.slot(booted).state == "trial":
         raise SlotError(
             f"refusing to flip to slot {target}: the booted slot {booted} is still on trial",

@@ -24,6 +24,20 @@ class GrubBootPort:
     def booted_on_trial(self, booted: SlotName) -> bool:
         return self.control.read().slot(booted).state == "trial"
 
+    def disagreement(self, booted: SlotName) -> str | None:
+        state = self.control.read()
+        if state.slot(booted).state == "bad":
+            return (
+                f"the kernel command line says slot {booted} is booted, but the GRUB "
+                f"environment marks slot {booted} bad"
+            )
+        if state.booted is not None and state.booted != booted:
+            return (
+                f"the kernel command line says slot {booted} is booted, but GRUB's record "
+                f"of this boot (organixm_booted) names slot {state.booted}"
+            )
+        return None
+
     def stage(self, target: SlotName, tries: int) -> None:
         self.control.flip(target, tries)
 

@@ -87,6 +87,9 @@ class BootPort(Protocol):
     def booted_on_trial(self, booted: SlotName) -> bool:
         """Whether the running slot is still on trial (not yet committed)."""
 
+    def disagreement(self, booted: SlotName) -> str | None:
+        """Why the boot environment contradicts the kernel's ``booted`` slot, if it does."""
+
     def stage(self, target: SlotName, tries: int) -> None:
         """Make ``target`` boot next, on trial with ``tries`` tries. One env write."""
 
@@ -457,6 +460,16 @@ class Engine:
                 f"published serial {release.serial} is not greater than the booted slot's "
                 f"serial {running.release.serial} ({running.release.version}); refusing a "
                 "downgrade",
+                ref,
+            )
+        disagreement = self.boot.disagreement(booted) if self.boot is not None else None
+        if disagreement is not None:
+            return self._verdict(
+                "blocked",
+                "boot-env-disagrees",
+                f"{disagreement}; writing neither slot, since the other one may be the only "
+                "good slot this host has. Reboot so GRUB boots the slot its environment "
+                "chooses, or check organixctl status and docs/operations.md",
                 ref,
             )
         if self.boot is not None and self.boot.booted_on_trial(booted):

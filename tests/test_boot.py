@@ -92,6 +92,12 @@ def test_flip_while_booted_slot_on_trial_is_refused() -> None:
         boot.flipped(on_trial, "a", 3, booted="b")
 
 
+def test_flip_while_booted_slot_is_bad_is_refused() -> None:
+    """A running slot the env marks bad: the target may be the only good slot (defect 4)."""
+    with pytest.raises(SlotError, match="marked bad"):
+        boot.flipped(fresh("a"), "a", 3, booted="b")
+
+
 @pytest.mark.parametrize("tries", [0, boot.MAX_TRIES + 1])
 def test_flip_tries_out_of_range_are_refused(tries: int) -> None:
     """GRUB can count 1 to 9 tries; anything else is refused."""

@@ -520,3 +520,39 @@ async def test_blocked_by_a_small_slot_rechecks_once_the_slot_grew(
     os.truncate(host.slot_b, 48 * MiB)
     verdict = await host.engine(release.url).check()
     assert verdict.outcome == "staged", verdict.message
+
+
+@pytest.mark.parametrize(
+    ("env", "why"),
+    [
+        ({"organixm_a_state": "good", "organixm_b_state": "bad"}, "marks slot b bad"),
+        (
+            {"organixm_a_state": "good", "organixm_b_state": "good", "organixm_booted": "a"},
+            "names slot a",
+        ),
+    ],
+)
+async def test_cmdline_and_env_disagreeing_writes_neither_slot(
+    tmp_path: Path, rootfs: Path, env: dict[str, str], why: str
+) -> None:
+    """organixm.slot=b while the env says b is bad (or GRUB booted a): nothing is written."""
+    from organixmd import grubenv
+    from organixmd.boot import BootControl
+    from organixmd.bootport import GrubBootPort
+
+    host = Host(tmp_path, booted="b")
+    primary, backup = tmp_path / "grubenv", tmp_path / "grubenv.bak"
+    BootControl(primary, backup).initialize("a")
+    for path in (primary, backup):
+        grubenv.write_block(path, grubenv.render(grubenv.updated(grubenv.read(path), env)))
+    before = primary.read_bytes()
+    release = build_release(rootfs, tmp_path / "pub")
+    engine = host.engine(release.url)
+    engine.boot = GrubBootPort(primary, backup, "b")
+    verdict = await engine.check()
+    assert (verdict.outcome, verdict.code) == ("blocked", "boot-env-disagrees"), verdict.message
+    assert why in verdict.message
+    assert "writing neither slot" in verdict.message
+    for slot in (host.slot_a, host.slot_b):
+        assert sha256_file(slot) == hashlib.sha256(bytes(48 * MiB)).hexdigest()
+    assert primary.read_bytes() == before

@@ -238,11 +238,27 @@ class BootManager:
             self.log.info("rollback", next_slot=other(booted))
             return state
 
+    def _seconds_left_to_commit(self) -> float:
+        """The deadline counts from boot (``/proc/uptime``), not from this daemon's start."""
+        deadline = self.config.boot.commit_deadline
+        path = self.config.boot.uptime
+        try:
+            since_boot = float(path.read_text().split()[0])
+        except (OSError, ValueError, IndexError) as exc:
+            self.log.warning(
+                "uptime_unreadable",
+                path=str(path),
+                error=str(exc),
+                detail=f"counting the {deadline:.0f}s commit deadline from the daemon's start",
+            )
+            return deadline
+        return max(0.0, deadline - since_boot)
+
     async def watch_deadline(self, on_failed: Reboot) -> None:
         """Mark the booted trial slot bad if it is not committed within the deadline."""
         if self.booted is None or not self.report.on_trial:
             return
-        await asyncio.sleep(self.config.boot.commit_deadline)
+        await asyncio.sleep(self._seconds_left_to_commit())
         state = await self.read()
         if state is None or state.slot(self.booted).state != "trial":
             return

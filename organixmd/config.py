@@ -88,6 +88,8 @@ class BootConfig(_Section):
     maintenance_window: str | None = None
     reboot_command: tuple[str, ...] = ("systemctl", "reboot")
     commit_deadline: PositiveSeconds = 900.0
+    #: Seconds since boot (first field); the commit deadline counts from boot.
+    uptime: Path = Path("/proc/uptime")
 
     @field_validator("maintenance_window")
     @classmethod

@@ -95,6 +95,25 @@ def test_trial_not_committed_by_the_deadline_is_marked_bad(host: Host) -> None:
     assert host.reboot().slot == "a"
 
 
+def test_deadline_counts_from_boot_not_from_daemon_start(host: Host) -> None:
+    """A daemon (re)started 700 s into a trial boot with a 600 s deadline marks it bad at
+    once: restarting the daemon does not buy a stuck trial another deadline."""
+    with DaemonProcess(host).start() as daemon:
+        assert daemon.wait_ready()["verdict"]["code"] == "staged"
+        assert daemon.stop() == 0
+    assert host.reboot().slot == "b"
+    uptime = host.root / "uptime"
+    uptime.write_text("700.25 1300.50\n")
+    set_boot(host, reboot="immediately", commit_deadline=600, uptime=str(uptime))
+    marker = host.root.parent / "rebooted"
+    with DaemonProcess(host).start() as daemon:
+        assert wait_for(marker), daemon.output()
+        assert host.boot_state().b.state == "bad"
+        failed = host.state()["failed"]
+        assert failed[0]["reason"] == "not committed within 600s of boot"
+        assert daemon.stop() == 0
+
+
 def test_committed_trial_is_not_touched_by_the_deadline(host: Host) -> None:
     """A trial committed in time stays good after the deadline passes."""
     with DaemonProcess(host).start() as daemon:

@@ -256,11 +256,21 @@ in
       # organixm: GRUB passes the slot it chose (organixm.slot=a|b); the root
       # file system is that slot's partition. The two slot images are
       # identical, so no label inside them could tell them apart.
+      # The first organixm.slot= wins (GRUB puts its own first), as in the
+      # daemon; an invalid first value means no slot.
       organixm_root=
+      organixm_slot_seen=
       for o in $(cat /proc/cmdline); do
         case $o in
-          organixm.slot=a) organixm_root=${cfg.settings.slots.a} ;;
-          organixm.slot=b) organixm_root=${cfg.settings.slots.b} ;;
+          organixm.slot=*)
+            if [ -z "$organixm_slot_seen" ]; then
+              organixm_slot_seen=1
+              case $o in
+                organixm.slot=a) organixm_root=${cfg.settings.slots.a} ;;
+                organixm.slot=b) organixm_root=${cfg.settings.slots.b} ;;
+              esac
+            fi
+            ;;
         esac
       done
       if [ -n "$organixm_root" ]; then

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -58,8 +59,22 @@ Version = Annotated[
 BootPath = Annotated[
     str, StringConstraints(min_length=2, max_length=512, pattern=r"^/[A-Za-z0-9._+/@=-]*$")
 ]
+
+
+def _not_organixm_param(value: str) -> str:
+    # GRUB appends organixm.slot= and organixm.reason= itself; a release's own copy could
+    # make the initrd and the daemon disagree about which slot is running.
+    if value.lower().startswith("organixm."):
+        raise ValueError(
+            "organixm.* kernel parameters are set by GRUB at boot; a release may not carry them"
+        )
+    return value
+
+
 KernelParam = Annotated[
-    str, StringConstraints(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9._+/@=:,-]+$")
+    str,
+    StringConstraints(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9._+/@=:,-]+$"),
+    AfterValidator(_not_organixm_param),
 ]
 
 _OBJECT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/+=-]*$")

@@ -147,6 +147,7 @@ def _first_error(exc: ValidationError, labels: Mapping[str, str], default: str) 
     message = error["msg"]
     if error["type"] == "string_pattern_mismatch" and field_name in _PATTERN_WORDS:
         message = _PATTERN_WORDS[field_name]
+    message = message.removeprefix("Value error, ")
     return f"{label}{shown}: {message}"
 
 

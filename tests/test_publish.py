@@ -21,7 +21,7 @@ import zstandard
 
 from organixctl import cmd_publish
 from organixctl.exitcodes import Exit
-from organixmd.errors import ConfigError, SourceNotFound
+from organixmd.errors import ConfigError, MetaError, SourceNotFound
 from organixmd.image import read_seek_table
 from organixmd.meta import parse_meta
 from organixmd.minisign import PublicKey, SecretKey, verify
@@ -338,6 +338,11 @@ def test_encrypted_key_with_password_file(
         ("--kernel", "boot/bzImage", "--kernel 'boot/bzImage': must be an absolute path"),
         ("--initrd", "/boot/init rd", "--initrd '/boot/init rd'"),
         ("--param", "a'b", '--param "a\'b"'),
+        (
+            "--param",
+            "organixm.slot=b",
+            "--param 'organixm.slot=b': organixm.* kernel parameters are set by GRUB",
+        ),
         ("--chunk-size", "3000", "--chunk-size: chunk size 3000 bytes"),
         ("--chunk-size", "128M", "--chunk-size: chunk size 134217728 bytes"),
         ("--rollout-percent", "101", "--rollout-percent 101"),
@@ -755,3 +760,16 @@ def test_lower_serial_than_published_is_refused(
     assert "--serial 6 or higher" in err
     assert client.get_object(Bucket=s3_bucket, Key="web.meta")["Body"].read() == before
     assert publish_cli(*common, "--serial", "5") == Exit.OK
+
+
+def test_meta_whose_params_set_the_slot_is_refused(tmp_path: Path, small_image: Path) -> None:
+    """A meta made by another tool that carries organixm.slot= in its kernel parameters is
+    meta-invalid: it could make the initrd mount another slot than GRUB chose."""
+    code = publish_cli(
+        small_image, "--to", tmp_path / "web", "--allow-unsigned", "--version=1", "--serial=1"
+    )
+    assert code == Exit.OK
+    meta = json.loads((tmp_path / "web.meta").read_bytes())
+    meta["boot"]["params"] = ["console=ttyS0", "organixm.slot=b"]
+    with pytest.raises(MetaError, match=r"boot\.params\.1.*organixm\.\* kernel parameters"):
+        parse_meta(json.dumps(meta).encode())

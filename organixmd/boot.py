@@ -51,6 +51,9 @@ ORDER = "organixm_order"
 BOOTED = "organixm_booted"
 REASON = "organixm_reason"
 TRIAL_TRY = "organixm_trial_try"
+#: The anti-rollback floor: the highest release serial committed on this host. Kept here,
+#: not only in /var, so a lost state file cannot lower it. GRUB does not read it.
+FLOOR = "organixm_floor"
 
 _TRIES = re.compile(r"^x*$")
 
@@ -87,6 +90,8 @@ class BootState:
     trial_try: int | None = None
     #: Which copy was read: ``primary`` or ``backup`` (the primary was torn or missing).
     source: Literal["primary", "backup"] = "primary"
+    #: No release with a lower serial is installed here (``organixm_floor``).
+    floor: int = 0
 
     def slot(self, name: Slot) -> SlotBoot:
         return self.a if name == "a" else self.b
@@ -130,6 +135,7 @@ def state_from_env(variables: dict[str, str], *, source: str = "grubenv") -> Boo
         slots[name] = SlotBoot(state, len(tries), len(tried))  # type: ignore[arg-type]
     booted_raw = variables.get(BOOTED, "")
     try_raw = variables.get(TRIAL_TRY, "")
+    floor_raw = variables.get(FLOOR, "")
     return BootState(
         order=(order[0], order[1]),  # type: ignore[arg-type]
         a=slots["a"],
@@ -137,6 +143,7 @@ def state_from_env(variables: dict[str, str], *, source: str = "grubenv") -> Boo
         booted=booted_raw if is_slot(booted_raw) else None,
         reason=variables.get(REASON) or None,
         trial_try=int(try_raw) if try_raw.isdigit() else None,
+        floor=int(floor_raw) if floor_raw.isdigit() and len(floor_raw) <= 19 else 0,
     )
 
 
@@ -151,6 +158,7 @@ def env_from_state(state: BootState) -> dict[str, str]:
     variables[BOOTED] = state.booted or ""
     variables[REASON] = state.reason or ""
     variables[TRIAL_TRY] = "" if state.trial_try is None else str(state.trial_try)
+    variables[FLOOR] = str(state.floor)
     return variables
 
 
@@ -219,6 +227,11 @@ def committed(state: BootState, booted: Slot) -> BootState:
             hint="commit only from the system that booted the trial slot",
         )
     return replace(state.with_slot(booted, SlotBoot("good")), order=(booted, other_slot(booted)))
+
+
+def raised_floor(state: BootState, serial: int) -> BootState:
+    """The anti-rollback floor at least ``serial``; it is never lowered."""
+    return replace(state, floor=max(state.floor, serial))
 
 
 def marked_bad(state: BootState, slot: Slot) -> BootState:
@@ -374,13 +387,24 @@ class BootControl:
         variables, state = self._read_any()
         return self._write(variables, flipped(state, target, tries, booted=self.booted_slot(state)))
 
-    def commit(self, booted: Slot) -> BootState:
-        """Trial to good for the slot that booted on trial. Idempotent (no write if good)."""
+    def commit(self, booted: Slot, serial: int | None = None) -> BootState:
+        """Trial to good for the slot that booted on trial, and the floor raised to the
+        committed release's ``serial`` (``None``: a seed-format release has none), in one
+        write. Idempotent (no write if good and the floor is already there)."""
         variables, state = self._read_any()
         new = committed(state, booted)
+        if serial is not None:
+            new = raised_floor(new, serial)
         if new == state and state.source == "primary":
             return state
         return self._write(variables, new)
+
+    def raise_floor(self, serial: int) -> BootState:
+        """The floor at least ``serial``; no write when it is already there."""
+        variables, state = self._read_any()
+        if serial <= state.floor and state.source == "primary":
+            return state
+        return self._write(variables, raised_floor(state, serial))
 
     def mark_bad(self, slot: Slot) -> BootState:
         """``slot`` bad and last in order."""

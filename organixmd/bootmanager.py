@@ -137,6 +137,11 @@ class BootManager:
             return self.report
         if self.report.reason and self.report.reason.startswith("fallback"):
             await self._record_fallback(booted, self.report.reason)
+        running = self.engine.state.slots.get(booted)
+        if running is not None and not running.release.legacy:
+            # Hosts committed before the floor existed (or whose env was recreated) get it
+            # back from the committed release they run.
+            await asyncio.to_thread(self.port.raise_floor, booted, running.release.serial)
         await self.engine.persist()
         self.log.info("boot_assessed", reason=self.report.reason, detail=self.report.explanation)
         return self.report
@@ -173,8 +178,9 @@ class BootManager:
         booted = self._require_booted()
         async with self._lock:
             before = await self.read()
-            state = await asyncio.to_thread(self.port.control.commit, booted)
             record = self.engine.state.slots.get(booted)
+            serial = None if record is None or record.release.legacy else record.release.serial
+            state = await asyncio.to_thread(self.port.control.commit, booted, serial)
             if record is not None and record.status != "installed":
                 self.engine.state.slots[booted] = SlotRecord(
                     release=record.release, status="installed", at=utcnow()

@@ -38,6 +38,14 @@ class GrubBootPort:
             )
         return None
 
+    def floor(self) -> int:
+        return self.control.read().floor
+
+    def raise_floor(self, booted: SlotName, serial: int) -> None:
+        # Only a committed slot's release sets the floor: a trial may still fail.
+        if self.control.read().slot(booted).state == "good":
+            self.control.raise_floor(serial)
+
     def stage(self, target: SlotName, tries: int) -> None:
         self.control.flip(target, tries)
 

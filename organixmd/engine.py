@@ -90,6 +90,12 @@ class BootPort(Protocol):
     def disagreement(self, booted: SlotName) -> str | None:
         """Why the boot environment contradicts the kernel's ``booted`` slot, if it does."""
 
+    def floor(self) -> int:
+        """The lowest serial this host may install (the highest it committed)."""
+
+    def raise_floor(self, booted: SlotName, serial: int) -> None:
+        """Raise the floor to ``serial`` if ``booted`` is committed (never lowers it)."""
+
     def stage(self, target: SlotName, tries: int) -> None:
         """Make ``target`` boot next, on trial with ``tries`` tries. One env write."""
 
@@ -396,6 +402,8 @@ class Engine:
                 release=release_ref(release), status="installed", at=utcnow()
             )
             self.state.record("identified", slot=booted, release=release_ref(release))
+            if self.boot is not None and not release.legacy:
+                await asyncio.to_thread(self.boot.raise_floor, booted, release.serial)
 
     async def _decide(
         self, release: Release, ref: ReleaseRef, booted: SlotName | None, force: bool
@@ -426,6 +434,16 @@ class Engine:
                 f"{failed.at:%Y-%m-%d %H:%M} UTC ({failed.reason}); not installing it again "
                 "until a newer serial is published or an admin forces it "
                 "(organixctl update --force)",
+                ref,
+            )
+        floor = self.boot.floor() if self.boot is not None else 0
+        if not release.legacy and not force and release.serial < floor:
+            return self._verdict(
+                "blocked",
+                "downgrade-refused",
+                f"published serial {release.serial} is lower than this host's floor {floor} "
+                "(the highest serial it committed, kept in the GRUB environment as "
+                "organixm_floor); refusing a downgrade",
                 ref,
             )
         target = other(booted)

@@ -98,6 +98,13 @@ def test_flip_while_booted_slot_is_bad_is_refused() -> None:
         boot.flipped(fresh("a"), "a", 3, booted="b")
 
 
+def test_floor_is_only_ever_raised() -> None:
+    """organixm_floor never goes down, and survives the env mapping."""
+    state = boot.raised_floor(fresh("a"), 7)
+    assert boot.raised_floor(state, 3).floor == 7
+    assert boot.state_from_env(boot.env_from_state(state)).floor == 7
+
+
 @pytest.mark.parametrize("tries", [0, boot.MAX_TRIES + 1])
 def test_flip_tries_out_of_range_are_refused(tries: int) -> None:
     """GRUB can count 1 to 9 tries; anything else is refused."""
@@ -354,3 +361,16 @@ def test_assessment_units_commit_after_boot_complete_and_mark_bad_on_failure() -
     bad = configparser.ConfigParser(strict=False)
     bad.read(DATA / "systemd" / "organixm-mark-bad.service")
     assert bad["Service"]["ExecStart"] == "organixctl mark-bad"
+
+
+def test_commit_raises_the_floor_in_the_same_write(control: BootControl) -> None:
+    """Committing a trial with its release's serial sets organixm_floor in both copies."""
+    control.flip("b", 3)
+    decision = boot.predict_boot(control.read(), {"a": True, "b": True})
+    variables = grubenv.updated(grubenv.read(control.primary), boot.env_from_state(decision.after))
+    for path in (control.primary, control.backup):
+        grubenv.write_block(path, grubenv.render(variables))
+    control.commit("b", 5)
+    for path in (control.primary, control.backup):
+        assert grubenv.read(path)["organixm_floor"] == "5"
+    assert control.raise_floor(4).floor == 5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -10,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from organixmd import grubenv
 from organixmd.bootmanager import Reboot
 from organixmd.config import parse_config
-from tests.support.daemon import DaemonProcess, Host, make_images, prepare_host
+from tests.support.daemon import DaemonProcess, Host, make_images, prepare_host, request
 from tests.support.releases import build_release
 
 
@@ -102,9 +104,8 @@ def test_deadline_counts_from_boot_not_from_daemon_start(host: Host) -> None:
         assert daemon.wait_ready()["verdict"]["code"] == "staged"
         assert daemon.stop() == 0
     assert host.reboot().slot == "b"
-    uptime = host.root / "uptime"
-    uptime.write_text("700.25 1300.50\n")
-    set_boot(host, reboot="immediately", commit_deadline=600, uptime=str(uptime))
+    host.uptime.write_text("700.25 1300.50\n")
+    set_boot(host, reboot="immediately", commit_deadline=600)
     marker = host.root.parent / "rebooted"
     with DaemonProcess(host).start() as daemon:
         assert wait_for(marker), daemon.output()
@@ -224,3 +225,50 @@ def test_missing_boot_partition_is_reported_and_nothing_is_written(
         assert host.slots["b"].read_bytes() == slot_b
     finally:
         host.cleanup()
+
+
+def test_floor_in_the_grub_env_refuses_a_downgrade_after_the_state_is_lost(
+    host: Host, images: list[Path]
+) -> None:
+    """Committing 2.0 raises organixm_floor to 2 in the GRUB env; with /var (the state file)
+    lost and 1.0 published again, the daemon refuses it instead of installing it."""
+    with DaemonProcess(host).start() as daemon:
+        assert daemon.wait_ready()["verdict"]["code"] == "staged"
+        assert daemon.stop() == 0
+    assert host.reboot().slot == "b"
+    with DaemonProcess(host).start() as daemon:
+        daemon.wait_ready()
+        answer = request(host.socket, "POST", "/v1/mark-good", b"{}")
+        assert answer.status == 200, answer.body
+        assert daemon.stop() == 0
+    assert host.boot_state().floor == 2
+    shutil.rmtree(host.state_dir)
+    pub = host.root.parent / "pub"
+    build_release(images[0], pub, version="1.0", serial=1)
+    before = host.grubenv.read_bytes()
+    with DaemonProcess(host).start() as daemon:
+        verdict = daemon.wait_ready()["verdict"]
+        assert verdict["code"] == "downgrade-refused", verdict
+        assert "floor 2" in verdict["message"]
+        assert daemon.stop() == 0
+    after = host.boot_state()
+    assert (after.order, after.a.state, after.b.state) == (("b", "a"), "good", "good")
+    assert host.grubenv.read_bytes() == before
+
+
+def test_floor_is_restored_from_the_committed_release_at_start(host: Host) -> None:
+    """A host committed before the floor existed (organixm_floor absent) gets it at start."""
+    with DaemonProcess(host).start() as daemon:
+        daemon.wait_ready()
+        assert daemon.stop() == 0
+    assert host.reboot().slot == "b"
+    host.boot_control().commit("b")
+    for path in (host.grubenv, host.grubenv_backup):
+        variables = grubenv.read(path)
+        del variables["organixm_floor"]
+        grubenv.write_block(path, grubenv.render(variables))
+    assert host.boot_state().floor == 0
+    with DaemonProcess(host).start() as daemon:
+        daemon.wait_ready()
+        assert daemon.stop() == 0
+    assert host.boot_state().floor == 2

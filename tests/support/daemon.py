@@ -82,7 +82,14 @@ class Host:
         grubenv.write_block(self.grubenv, block)
         grubenv.write_block(self.grubenv_backup, block)
         self.cmdline.write_text(f"BOOT_IMAGE=/vmlinuz ro organixm.slot={decision.slot}\n")
+        self.uptime.write_text("1.00 1.00\n")
         return decision
+
+    @property
+    def uptime(self) -> Path:
+        """The host's ``/proc/uptime``: it booted a second ago (the commit deadline counts
+        from boot, and this machine's own uptime is hours)."""
+        return self.root / "uptime"
 
     def write_config(
         self, url: str, *, reboot_command: tuple[str, ...] = ("true",), **daemon: Any
@@ -108,6 +115,7 @@ class Host:
             f"cmdline = {json.dumps(str(self.cmdline))}",
             "[boot]",
             f"grubenv = {json.dumps(str(self.grubenv))}",
+            f"uptime = {json.dumps(str(self.uptime))}",
             f"reboot_command = {json.dumps(list(reboot_command))}",
             "[install]",
             "checkpoint_interval = 0.2",
@@ -151,6 +159,7 @@ def prepare_host(
             shutil.copyfileobj(source, target, 4 * 1024 * 1024)
     (root / "machine-id").write_text("0123456789abcdef0123456789abcdef\n")
     host.cmdline.write_text("BOOT_IMAGE=/vmlinuz ro organixm.slot=a\n")
+    host.uptime.write_text("1.00 1.00\n")
     host.boot_control().initialize("a")
     host.write_config(url, reboot_command=reboot_command, **daemon)
     return host

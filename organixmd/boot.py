@@ -43,6 +43,7 @@ REASONS = (
     "fallback-load-failed",
     "default-env-unusable",
     "last-resort",
+    "trial-unsaved",
     "no-usable-slot",
 )
 
@@ -317,14 +318,14 @@ def predict_boot(state: BootState, usable: dict[Slot, bool]) -> Decision:
         if slots["b"].state == "bad":
             order = ("a", "b")
     trial_try = slots[chosen].tries_used if chosen is not None and reason == "trial" else None
-    after = BootState(
+    after = replace(
+        state,
         order=order,
         a=slots["a"],
         b=slots["b"],
         booted=chosen,
         reason=reason,
         trial_try=trial_try,
-        source=state.source,
     )
     return Decision(chosen, reason, trial_try, after)
 
@@ -375,8 +376,10 @@ class BootControl:
         return self._booted if self._booted is not None else state.booted
 
     def _write(self, base: dict[str, str], state: BootState) -> BootState:
-        # Other tools' variables in the block are kept; ours are rewritten.
-        variables = grubenv.updated(base, env_from_state(state))
+        # Other tools' variables in the block are kept; ours are rewritten. A name a torn
+        # block made up (holding a newline) is dropped: it cannot be written back.
+        kept = {name: value for name, value in base.items() if grubenv.valid_name(name)}
+        variables = grubenv.updated(kept, env_from_state(state))
         block = grubenv.render(variables, source=str(self.primary))
         grubenv.write_block(self.primary, block)
         grubenv.write_block(self.backup, block)
@@ -431,6 +434,16 @@ class BootControl:
         """A fresh environment (installer): ``good_slot`` committed, the other bad."""
         return self._write({}, initial(good_slot))
 
+    def intact(self) -> bool:
+        """Both copies are whole blocks GRUB can load and save into, holding the same."""
+        try:
+            blocks = [self.primary.read_bytes(), self.backup.read_bytes()]
+        except OSError:
+            return False
+        if not all(grubenv.is_canonical(block) for block in blocks):
+            return False
+        return grubenv.parse(blocks[0]) == grubenv.parse(blocks[1])
+
     def repair(self, known_good_slot: Slot) -> BootState:
         """Make both copies valid again. Idempotent.
 
@@ -442,12 +455,7 @@ class BootControl:
                 variables, state = self._read_one(path)
             except BootError:
                 continue
-            other = self.backup if path == self.primary else self.primary
-            try:
-                intact = grubenv.read(other) == variables
-            except BootError:
-                intact = False
-            if intact:
+            if self.intact():
                 return state
             return self._write(variables, state)
         return self.initialize(known_good_slot)

@@ -78,6 +78,9 @@ def explain(
         "default-env-unusable": f"slot {booted} booted as GRUB's default: the boot environment "
         "was unusable",
         "last-resort": f"slot {booted} booted as the last resort: no slot was marked usable",
+        "trial-unsaved": f"slot {booted} booted instead of the trial of slot {other(booted)}: "
+        "GRUB could not save the trial's try into its environment block; the block is "
+        "repaired now and the trial starts at the next reboot",
     }
     if reason == "trial" and not on_trial:
         texts["trial"] = (
@@ -131,6 +134,18 @@ class BootManager:
         elif state is not None and state.source == "backup" and booted is not None:
             state = await asyncio.to_thread(self.port.control.repair, booted)
             self.log.warning("env_repaired", detail="primary copy was torn; restored from backup")
+        elif (
+            state is not None
+            and booted is not None
+            and not await asyncio.to_thread(self.port.control.intact)
+        ):
+            state = await asyncio.to_thread(self.port.control.repair, booted)
+            self.log.warning(
+                "env_repaired",
+                detail="a copy of the GRUB environment was damaged or out of date (GRUB "
+                "cannot save its decisions into a block whose padding is torn); "
+                "rewritten from the primary",
+            )
         self.report = explain(state, booted)
         if state is None or booted is None:
             await self.engine.persist()

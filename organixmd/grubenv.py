@@ -83,9 +83,26 @@ def parse(block: bytes, *, source: str = "grubenv") -> dict[str, str]:
     return variables
 
 
+def is_canonical(block: bytes) -> bool:
+    """Whether ``block`` is exactly what GRUB's ``save_env`` writes for its variables.
+
+    A block torn by a power cut can still parse (its variables are whole) while its
+    ``#`` padding is gone; GRUB then loads it but cannot save into it.
+    """
+    try:
+        return render(parse(block)) == block
+    except BootError:
+        return False
+
+
 def _escape(value: str) -> bytes:
     raw = value.encode("utf-8", "surrogateescape")
     return raw.replace(b"\\", b"\\\\").replace(b"\n", b"\\\n")
+
+
+def valid_name(name: str) -> bool:
+    """Whether ``name`` can be written as a variable of a block."""
+    return bool(name) and "=" not in name and "\n" not in name and not name.startswith("#")
 
 
 def render(variables: Mapping[str, str], *, source: str = "grubenv") -> bytes:
@@ -96,7 +113,7 @@ def render(variables: Mapping[str, str], *, source: str = "grubenv") -> bytes:
     """
     body = bytearray(SIGNATURE + WARNING)
     for name, value in variables.items():
-        if not name or "=" in name or "\n" in name or name.startswith("#"):
+        if not valid_name(name):
             raise BootError(f"{source}: invalid variable name {name!r}", hint="")
         body += name.encode("utf-8", "surrogateescape") + b"=" + _escape(value) + b"\n"
     if len(body) > BLOCK_SIZE:

@@ -374,3 +374,18 @@ def test_commit_raises_the_floor_in_the_same_write(control: BootControl) -> None
     for path in (control.primary, control.backup):
         assert grubenv.read(path)["organixm_floor"] == "5"
     assert control.raise_floor(4).floor == 5
+
+
+def test_repair_drops_a_name_a_torn_block_made_up(control: BootControl) -> None:
+    """A block torn mid-name ("organixm_b_t" + newline + the old bytes) parses into a
+    variable named with a newline; repair writes the block back without it."""
+    old = control.primary.read_bytes()
+    control.flip("b", 3)
+    new = control.primary.read_bytes()
+    cut = new.index(b"organixm_b_tried") + len(b"organixm_b_t")
+    torn = new[:cut] + old[cut:]
+    assert any("\n" in name for name in grubenv.parse(torn))
+    control.primary.write_bytes(torn)
+    assert not control.intact()
+    control.repair("a")
+    assert control.intact()

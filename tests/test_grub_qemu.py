@@ -44,7 +44,7 @@ SLOT_B_BOOT = BootEntry(
     kernel="/boot/bzImage-b",
     initrd="/boot/initrd-b",
     init="/nix/store/release-b/init",
-    params=["console=ttyS0", "organixm.test=b"],
+    params=["console=ttyS0", "entry.test=b"],
 )
 
 #: Scenarios that differ from others only in the environment GRUB reads run on SeaBIOS
@@ -172,7 +172,7 @@ def test_flip_boots_trial_consuming_a_try_then_commit_makes_it_good(
     assert result.attempts == [("b", "trial")]
     assert result.args == (
         "organixm.slot=b organixm.reason=trial init=/nix/store/release-b/init "
-        "console=ttyS0 organixm.test=b"
+        "console=ttyS0 entry.test=b"
     )
     assert_kernel_from(disk, result, "b", SLOT_B_BOOT)
     with boot_control(disk) as control:
@@ -403,3 +403,31 @@ def test_grub_emu_slot_without_its_initrd_is_skipped_without_a_pause(
     assert result.attempts == [("a", "fallback-unusable")]
     assert result.pauses == 0
     assert read_state(disk).b == SlotBoot("trial", 3, 0)
+
+
+def test_grub_emu_trial_whose_try_cannot_be_saved_is_not_started(
+    disk: BootDisk, tmp_path: Path
+) -> None:
+    """A primary block whose padding a power cut zeroed still loads, but GRUB cannot save
+    into it: the trial is not started (it could never use up its tries), the committed
+    slot boots, and once the daemon repairs the block the trial runs, consuming a try."""
+    block_offset = _env_offset(disk, tmp_path)
+    block = grubenv.render(boot.env_from_state(boot.flipped(boot.initial("a"), "b", 3, booted="a")))
+    cut = len(block.rstrip(b"#")) + 16
+    torn = block[:cut] + b"\0" * (len(block) - cut)
+    assert grubenv.parse(torn) == grubenv.parse(block)
+    descriptor = os.open(disk.path, os.O_RDWR)
+    try:
+        os.pwrite(descriptor, torn, block_offset)
+        first = boot_emu(disk.path, tmp_path, disk.layout.boot.number)
+        assert (first.slot, first.reason) == ("a", "trial-unsaved"), first.attempts
+        assert os.pread(descriptor, 1024, block_offset) == torn
+    finally:
+        os.close(descriptor)
+    with boot_control(disk) as control:
+        assert not control.intact()
+        control.repair("a")
+        assert control.intact()
+    second = boot_emu(disk.path, tmp_path, disk.layout.boot.number)
+    assert (second.slot, second.reason) == ("b", "trial")
+    assert read_state(disk).b.tries_left == 2

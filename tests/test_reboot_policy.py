@@ -272,3 +272,19 @@ def test_floor_is_restored_from_the_committed_release_at_start(host: Host) -> No
         daemon.wait_ready()
         assert daemon.stop() == 0
     assert host.boot_state().floor == 2
+
+
+def test_daemon_rewrites_a_block_whose_padding_was_torn(host: Host) -> None:
+    """A primary block that parses but lost its # padding (GRUB could not save into it) is
+    rewritten whole at start, so GRUB's next save_env works again."""
+    block = host.grubenv.read_bytes()
+    cut = len(block.rstrip(b"#")) + 16
+    torn = block[:cut] + b"\0" * (len(block) - cut)
+    host.grubenv.write_bytes(torn)
+    assert not host.boot_control().intact()
+    with DaemonProcess(host).start() as daemon:
+        daemon.wait_ready()
+        assert daemon.stop() == 0
+        assert "padding is torn" in daemon.output()
+    assert grubenv.is_canonical(host.grubenv.read_bytes())
+    assert host.boot_control().intact()

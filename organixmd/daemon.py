@@ -176,14 +176,6 @@ class Daemon:
                 verdict = await self.run_check()
             except Busy:
                 verdict = None  # an admin's update is running; it reports itself
-            except asyncio.CancelledError:
-                # `organixctl cancel` cancels the running check's task, which is this one
-                # when the poll started it. Only shutdown (stop set first) ends the loop.
-                task = asyncio.current_task()
-                if self.stop.is_set() or task is None:
-                    raise
-                task.uncancel()
-                verdict = None
             if not self.ready:
                 self.ready = True
                 self.notifier.ready(self.status_line())

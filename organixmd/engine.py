@@ -289,19 +289,22 @@ class Engine:
     async def _check_locked(self, *, install: bool, force: bool) -> Verdict:
         async with self._lock:
             self._cancel_requested = False
-            self._task = asyncio.current_task()
             self._set_phase(Phase.CHECKING)
+            # The check runs in a task of its own, which an admin's cancel targets: the
+            # caller (an HTTP handler, the poll loop) is never cancelled by it, so it
+            # always gets the verdict. Cancelling the caller (shutdown) cancels this too.
+            inner = asyncio.create_task(self._check(install=install, force=force))
+            self._task = inner
             try:
-                verdict = await self._check(install=install, force=force)
+                verdict = await inner
             except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if not self._cancel_requested or task is None:
+                caller = asyncio.current_task()
+                if not self._cancel_requested or caller is None or caller.cancelling():
                     # Shutdown: a running install saved its checkpoint; the next start resumes.
                     self._set_phase(Phase.IDLE)
                     self.progress = None
                     raise
                 # An admin's cancel ends this check (at any phase), not the daemon.
-                task.uncancel()
                 what = self.current.version if self.current else "the check"
                 return await self._fail(
                     Cancelled(f"{what}: cancelled by an admin; the next check resumes")

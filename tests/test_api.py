@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import grp
+import http.client
 import json
 import os
 import socket
@@ -392,3 +393,33 @@ def test_boot_commands_over_raw_http(tmp_path: Path, image: Path) -> None:
             assert daemon.stop() == 0
     finally:
         host.cleanup()
+
+
+def test_check_cancelled_at_any_moment_still_answers(api_host: Host) -> None:
+    """Admins' cancels landing anywhere in a POST /v1/check (fetch, decision, state
+    write) ends that check, but its caller still gets an answer: 200 with a verdict, or
+    409 when another check held the engine. It used to cancel the HTTP handler itself,
+    which closed the connection unanswered."""
+    outcomes: list[str] = []
+
+    def check() -> None:
+        try:
+            outcomes.append(str(_post(api_host, "/v1/check", {}).status))
+        except (OSError, http.client.HTTPException) as exc:
+            outcomes.append(f"{type(exc).__name__}: {exc}")
+
+    for i in range(150):
+        worker = threading.Thread(target=check)
+        worker.start()
+        time.sleep((i % 10) / 2000)
+        # Two admins cancelling at once: the second lands while the first one's
+        # "cancelled" verdict is being written.
+        cancels = [threading.Thread(target=_post, args=(api_host, "/v1/cancel")) for _ in "ab"]
+        for cancel in cancels:
+            cancel.start()
+        for cancel in cancels:
+            cancel.join(30)
+        worker.join(30)
+    assert len(outcomes) == 150
+    assert set(outcomes) <= {"200", "409"}, [o for o in outcomes if o not in ("200", "409")]
+    _assert_still_serving(api_host)

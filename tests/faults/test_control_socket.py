@@ -367,12 +367,7 @@ def test_malformed_requests_get_4xx_and_the_daemon_serves_on(
         ):
             outcomes[outcome] += 1
             row.tries += 1
-            # A check the fuzzer's own concurrent POST /v1/cancel cancelled may close
-            # its connection unanswered (a known race in the engine's cancel, reported).
-            cancelled = outcome == "closed" and case.data.startswith(b"POST /v1/")
-            if outcome.startswith("5") or (
-                case.mode == "answer" and not outcome.isdigit() and not cancelled
-            ):
+            if outcome.startswith("5") or (case.mode == "answer" and not outcome.isdigit()):
                 failures.append(f"seed {SEED} index {case.index}: {outcome}: {case.data[:300]!r}")
     row.seconds = time.perf_counter() - start
     alive = _serving(host)

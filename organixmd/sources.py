@@ -392,6 +392,10 @@ class S3Source(Source):
             region=config.s3_region,
             credentials=config.credentials,
             credentials_file=config.credentials_file,
+            # source.timeout bounds the wait for the next bytes of a body too: with
+            # botocore's own 60 s, a download stalled mid-image held the check that long.
+            connect_timeout=min(config.timeout, 600.0),
+            read_timeout=min(config.timeout, 3600.0),
         )
         self._client: Any = None
 

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import boto3
 import pytest
 
 from organixmd.boot import BootControl, BootState
+from tests.support.faultproxy import Fault, FaultProxy
 from tests.support.images import make_ext4_image, sha256_file
 from tests.support.nginx import Nginx, start_nginx
 from tests.support.releases import BuiltRelease, build_legacy_release, build_release
@@ -360,3 +362,27 @@ def test_unchanged_meta_on_s3_answers_not_modified(
     assert second.returncode == 0, second.stdout + second.stderr
     assert second.stdout.startswith("up-to-date: meta unchanged: slot a runs")
     assert host.state()["meta_etag"] == etag
+
+
+def test_stalled_s3_download_ends_within_the_source_timeout(
+    tmp_path: Path, moto: MotoServer, s3_bucket: str, published: BuiltRelease
+) -> None:
+    """An S3 image download that stalls mid-body ends in source-unreachable within about
+    source.timeout (not botocore's default 60 s read timeout), keeping its checkpoint."""
+    upload_tree(moto.endpoint, s3_bucket, published.directory, "fleet")
+    half = published.meta.image.compressed_size // 2
+    with FaultProxy("127.0.0.1", int(moto.endpoint.rsplit(":", 1)[1])) as proxy:
+        proxy.set_fault(Fault("stall", after=half))
+        host = CliHost(tmp_path / "host")
+        host.write_config(f"s3://{s3_bucket}/fleet/host", f's3_endpoint = "{proxy.url}"')
+        text = host.config.read_text().replace("timeout = 5\n", "timeout = 2\n")
+        host.config.write_text(text)
+        started = time.monotonic()
+        done = host.run_once(env=moto.credentials_env(), timeout=90)
+        elapsed = time.monotonic() - started
+    assert done.returncode != 0, done.stdout
+    assert host.state()["last_verdict"]["code"] == "source-unreachable", done.stdout
+    assert "broke off" in host.state()["last_verdict"]["message"]
+    assert elapsed < 15, f"the stalled download took {elapsed:.1f} s to end (timeout = 2)"
+    assert host.state()["progress"]["chunks_done"] > 0
+    assert host.boot_state().next_slot == "a"

@@ -30,6 +30,7 @@ import contextlib
 import socket
 import struct
 import threading
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -84,6 +85,8 @@ class ConnectionRecord:
     outcome: str = "open"
     #: The request heads seen on this connection (first line only), for ``http`` faults.
     requests: list[str] = field(default_factory=list)
+    #: drip: when the paced forwarding began (bytes already sent counted in).
+    dripped_since: float | None = None
 
 
 class FaultProxy:
@@ -214,11 +217,13 @@ class FaultProxy:
                 return
             await self._forward(reader, writer, fault, record)
         except (ConnectionError, OSError):
-            record.outcome = "client or server went away"
+            if record.outcome == "open":
+                record.outcome = "client or server went away"
         except asyncio.CancelledError:
             # Only the proxy's shutdown cancels a connection; asyncio's stream callback
             # would report a cancelled handler as an error.
-            record.outcome = "proxy stopped"
+            if record.outcome == "open":
+                record.outcome = "proxy stopped"
         finally:
             self._tasks.discard(task)
             if not writer.is_closing():
@@ -319,12 +324,17 @@ class FaultProxy:
     async def _drip(
         writer: asyncio.StreamWriter, piece: bytes, rate: int, record: ConnectionRecord
     ) -> None:
+        """Forward ``piece`` in 50 ms steps, so that the connection averages ``rate`` B/s."""
+        if record.dripped_since is None:
+            record.dripped_since = time.monotonic() - record.down / rate
         step = max(1, rate // 20)
         for start in range(0, len(piece), step):
-            writer.write(piece[start : start + step])
-            record.down += len(piece[start : start + step])
+            part = piece[start : start + step]
+            due = record.dripped_since + (record.down + len(part)) / rate
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            writer.write(part)
+            record.down += len(part)
             await writer.drain()
-            await asyncio.sleep(step / rate)
 
     async def _hit(
         self, writer: asyncio.StreamWriter, fault: Fault | None, record: ConnectionRecord

@@ -443,10 +443,16 @@ class S3Source(Source):
                 f"{action} s3://{self.bucket}/{key}: {response['ContentLength']} bytes, over the "
                 f"{limit}-byte limit"
             )
-        stream = _S3Stream(response["Body"], response.get("ETag"), f"s3://{self.bucket}/{key}")
+        where = f"s3://{self.bucket}/{key}"
+        stream = _S3Stream(response["Body"], response.get("ETag"), where)
         try:
             async with asyncio.timeout(self.timeout):
-                data = await _read_bounded(stream, limit, f"{action} s3://{self.bucket}/{key}")
+                data = await _read_bounded(stream, limit, f"{action} {where}")
+        except TimeoutError as exc:
+            # The body stalled: a network fault like any other, not a crash of the check.
+            raise SourceUnreachable(
+                f"{action} {where}: the body did not arrive within {self.timeout:g} s"
+            ) from exc
         finally:
             await stream.aclose()
         return Fetched(data=data, etag=response.get("ETag"))

@@ -386,3 +386,25 @@ def test_stalled_s3_download_ends_within_the_source_timeout(
     assert elapsed < 15, f"the stalled download took {elapsed:.1f} s to end (timeout = 2)"
     assert host.state()["progress"]["chunks_done"] > 0
     assert host.boot_state().next_slot == "a"
+
+
+def test_s3_meta_stalled_mid_body_is_source_unreachable(
+    tmp_path: Path, moto: MotoServer, s3_bucket: str, published: BuiltRelease
+) -> None:
+    """A meta whose body stalls on S3 ends in source-unreachable naming the meta, not in an
+    internal error with a traceback; nothing is written."""
+    upload_tree(moto.endpoint, s3_bucket, published.directory, "fleet")
+    with FaultProxy("127.0.0.1", int(moto.endpoint.rsplit(":", 1)[1])) as proxy:
+        # Past the answer's headers, inside the meta's body.
+        proxy.set_fault(Fault("stall", after=1500))
+        host = CliHost(tmp_path / "host")
+        host.write_config(f"s3://{s3_bucket}/fleet/host", f's3_endpoint = "{proxy.url}"')
+        text = host.config.read_text().replace("timeout = 5\n", "timeout = 1\n")
+        host.config.write_text(text)
+        done = host.run_once(env=moto.credentials_env(), timeout=60)
+    verdict = host.state()["last_verdict"]
+    assert verdict["code"] == "source-unreachable", verdict
+    assert "host.meta" in verdict["message"]
+    assert "Traceback" not in done.stdout + done.stderr
+    assert proxy.connections[0].outcome == "stall"
+    assert host.boot_state().next_slot == "a"

@@ -188,6 +188,11 @@ class HttpSource(Source):
             raise SourceDenied(f"{action} {url}: HTTP {status} {response.reason}")
         if status == 412:
             raise SourceChanged(f"{action} {url}: the object changed since the download began")
+        if status >= 500:
+            # A server that is down or overloaded, as S3's 5xx: retried with backoff.
+            raise SourceUnreachable(
+                f"{action} {url}: the server failed: HTTP {status} {response.reason}"
+            )
         raise SourceError(f"{action} {url}: unexpected HTTP {status} {response.reason}")
 
     async def _fetch_small(

@@ -408,3 +408,21 @@ def test_s3_meta_stalled_mid_body_is_source_unreachable(
     assert "Traceback" not in done.stdout + done.stderr
     assert proxy.connections[0].outcome == "stall"
     assert host.boot_state().next_slot == "a"
+
+
+@pytest.mark.parametrize("status", [500, 503])
+def test_http_server_error_is_source_unreachable_like_s3(
+    tmp_path: Path, nginx: Nginx, status: int
+) -> None:
+    """A web server answering 5xx is a server that is down: source-unreachable with the
+    retry hint, as the same answer from S3 is, not a bare source-error."""
+    with FaultProxy("127.0.0.1", nginx.port) as proxy:
+        proxy.set_fault(Fault("http", status=status))
+        host = CliHost(tmp_path / "host")
+        host.write_config(f"{proxy.url}/fleet/host")
+        host.run_once()
+    verdict = host.state()["last_verdict"]
+    assert verdict["code"] == "source-unreachable", verdict
+    assert f"HTTP {status}" in verdict["message"]
+    assert "retries with backoff" in verdict["message"]
+    assert host.boot_state().next_slot == "a"

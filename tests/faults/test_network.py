@@ -28,7 +28,7 @@ import shutil
 import socket
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,8 @@ S3_SEED = 20261203
 SOURCE_TIMEOUT = 1.5
 #: No check may take longer than this to end in a verdict (a stuck host otherwise).
 CHECK_LIMIT = 30.0
-NETWORK_CODES = frozenset({"source-unreachable", "source-error"})
+#: Every network fault, HTTP or S3, is this verdict (retried with backoff).
+NETWORK_CODE = "source-unreachable"
 
 
 @dataclass
@@ -179,6 +180,17 @@ class Network:
     nginx: Nginx | None = None
 
 
+@dataclass
+class Outcome:
+    """A row's problems (empty when every case held) and how its installs went on."""
+
+    problems: list[str] = field(default_factory=list)
+    #: Installs that resumed from a checkpoint (chunk > 0) after the fault.
+    resumed: int = 0
+    #: Installs whose object was replaced while interrupted: started over in the same check.
+    restarted: int = 0
+
+
 def run_row(
     row: Row,
     host: Host,
@@ -187,9 +199,10 @@ def run_row(
     network: Network,
     releases: Releases,
     cases: list[Case],
-) -> list[str]:
-    """Drive every case; returns the problems found (empty when all held)."""
-    problems: list[str] = []
+) -> Outcome:
+    """Drive every case; returns what went wrong and how the installs went on."""
+    outcome = Outcome()
+    problems = outcome.problems
     for index, case in enumerate(cases):
         target = releases.target(index)
         network.publish(target)
@@ -227,7 +240,7 @@ def run_row(
             row.reported[f"staged ({case.fault.kind})"] += 1
             if case.fault.kind == "drip" and seconds < 1.8:
                 problems.append(f"{name}: the drip did not slow the download ({seconds:.1f} s)")
-        elif verdict["outcome"] != "error" or verdict["code"] not in NETWORK_CODES:
+        elif verdict["outcome"] != "error" or verdict["code"] != NETWORK_CODE:
             # Counted as a problem; the recovery below still runs, so later cases start
             # from a host in a known state.
             problems.append(f"{name}: expected a network verdict, got {verdict}")
@@ -271,7 +284,9 @@ def run_row(
                 problems.append(f"{name}: nginx saw no Range request from byte {offset}")
                 continue
         row.recovered += 1
-    return problems
+        outcome.resumed += 1 if expected_resume else 0
+        outcome.restarted += 1 if case.replace else 0
+    return outcome
 
 
 def wait_for_range(server: Nginx, since: int, expected: str, timeout: float = 5.0) -> bool:
@@ -291,11 +306,17 @@ def with_source_settings(host: Host, lines: str) -> None:
     host.config.write_text(text.replace("[slots]\n", f"{lines}\n[slots]\n", 1))
 
 
-def assert_row(row: Row, problems: list[str], daemon: DaemonProcess) -> None:
+def assert_row(row: Row, outcome: Outcome, daemon: DaemonProcess, replaced: int) -> None:
     assert daemon.stop() == 0
     row.tracebacks = count_tracebacks(daemon.output())
-    print(f"verdicts: {dict(row.reported)}; {row.seconds:.1f} s")
-    assert problems == [], "\n".join(problems)
+    print(
+        f"verdicts: {dict(row.reported)}; resumed from a checkpoint {outcome.resumed}, "
+        f"started over on a replaced object {outcome.restarted}; {row.seconds:.1f} s"
+    )
+    assert outcome.problems == [], "\n".join(outcome.problems)
+    # Most faults land mid-image (N is drawn over the image's bytes): they must resume.
+    assert outcome.resumed >= row.tries // 3, outcome
+    assert outcome.restarted == replaced
     assert row.flips_on_bad_data == 0
     assert row.stuck == 0
     assert row.tracebacks == 0, daemon.output()[-3000:]
@@ -347,7 +368,7 @@ def test_nginx_network_faults(
         os.utime(path, (mtime[0], mtime[0]))
 
     row = faults.add(
-        Row(fault=f"network: nginx (reset/cut/stall/refuse/5xx/drip, seed {NGINX_SEED})")
+        Row(fault=f"network: nginx (reset/cut/stall/refuse/5xx/drip/replaced, seed {NGINX_SEED})")
     )
     start = time.perf_counter()
     with FaultProxy("127.0.0.1", server.port) as proxy:
@@ -358,7 +379,7 @@ def test_nginx_network_faults(
             with_source_settings(host, f"timeout = {SOURCE_TIMEOUT}")
             with DaemonProcess(host).start() as daemon:
                 assert host.state()["last_verdict"]["code"] == "up-to-date"
-                problems = run_row(
+                outcome = run_row(
                     row,
                     host,
                     daemon,
@@ -368,7 +389,7 @@ def test_nginx_network_faults(
                     cases,
                 )
                 row.seconds = time.perf_counter() - start
-                assert_row(row, problems, daemon)
+                assert_row(row, outcome, daemon, counts["replace"])
         finally:
             host.cleanup()
     assert row.tries >= 20
@@ -433,11 +454,11 @@ def test_s3_network_faults(
             )
             with DaemonProcess(host, env=env).start() as daemon:
                 assert host.state()["last_verdict"]["code"] == "up-to-date"
-                problems = run_row(
+                outcome = run_row(
                     row, host, daemon, proxy, Network(publish, replace_image), releases, cases
                 )
                 row.seconds = time.perf_counter() - start
-                assert_row(row, problems, daemon)
+                assert_row(row, outcome, daemon, counts["replace"])
         finally:
             host.cleanup()
     assert row.tries >= 15

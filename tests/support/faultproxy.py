@@ -9,7 +9,8 @@ connection (to the first ``connections`` of them, or to all until cleared):
 ``cut``    forward ``after`` bytes, then close cleanly (FIN): a truncated answer;
 ``stall``  forward ``after`` bytes, then nothing more, holding both sockets open
            until the fault is cleared (longer than the client's read timeout);
-``drip``   forward everything at ``rate`` bytes per second (a slow link);
+``drip``   forward ``after`` bytes at once, the rest at ``rate`` bytes per second
+           (a slow link, or one that becomes slow mid-download);
 ``refuse`` the listener is closed: connecting is refused (``ECONNREFUSED``);
 ``http``   answer the first request on the connection with a canned HTTP
            ``status`` (500, 503) and close, without asking the server.
@@ -49,7 +50,7 @@ _REASONS = {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unav
 @dataclass(frozen=True, slots=True)
 class Fault:
     kind: FaultKind
-    #: reset, cut, stall: bytes of the answer forwarded before the fault.
+    #: reset, cut, stall, drip: bytes of the answer forwarded before the fault.
     after: int = 0
     #: drip: bytes per second.
     rate: int = 0
@@ -62,7 +63,9 @@ class Fault:
         if self.kind in ("reset", "cut", "stall"):
             detail = f"{self.kind} after {self.after} bytes"
         elif self.kind == "drip":
-            detail = f"drip at {self.rate} B/s"
+            detail = f"drip at {self.rate} B/s" + (
+                f" after {self.after} bytes" if self.after else ""
+            )
         elif self.kind == "http":
             detail = f"HTTP {self.status}"
         else:
@@ -85,7 +88,7 @@ class ConnectionRecord:
     outcome: str = "open"
     #: The request heads seen on this connection (first line only), for ``http`` faults.
     requests: list[str] = field(default_factory=list)
-    #: drip: when the paced forwarding began (bytes already sent counted in).
+    #: drip: when the paced forwarding began.
     dripped_since: float | None = None
 
 
@@ -313,7 +316,7 @@ class FaultProxy:
                 await self._hit(writer, fault, record)
                 return
             if fault is not None and fault.kind == "drip":
-                await self._drip(writer, piece, fault.rate, record)
+                await self._drip(writer, piece, fault, record)
             else:
                 writer.write(piece)
                 record.down += len(piece)
@@ -322,15 +325,24 @@ class FaultProxy:
 
     @staticmethod
     async def _drip(
-        writer: asyncio.StreamWriter, piece: bytes, rate: int, record: ConnectionRecord
+        writer: asyncio.StreamWriter, piece: bytes, fault: Fault, record: ConnectionRecord
     ) -> None:
-        """Forward ``piece`` in 50 ms steps, so that the connection averages ``rate`` B/s."""
+        """Forward ``piece``: the first ``after`` bytes of the answer at once, the rest in
+        50 ms steps, so that the dripped part averages ``rate`` bytes per second."""
+        fast = max(0, fault.after - record.down)
+        if fast:
+            writer.write(piece[:fast])
+            record.down += len(piece[:fast])
+            await writer.drain()
+            piece = piece[fast:]
+        if not piece:
+            return
         if record.dripped_since is None:
-            record.dripped_since = time.monotonic() - record.down / rate
-        step = max(1, rate // 20)
+            record.dripped_since = time.monotonic()
+        step = max(1, fault.rate // 20)
         for start in range(0, len(piece), step):
             part = piece[start : start + step]
-            due = record.dripped_since + (record.down + len(part)) / rate
+            due = record.dripped_since + (record.down - fault.after + len(part)) / fault.rate
             await asyncio.sleep(max(0.0, due - time.monotonic()))
             writer.write(part)
             record.down += len(part)

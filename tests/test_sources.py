@@ -426,3 +426,67 @@ def test_http_server_error_is_source_unreachable_like_s3(
     assert f"HTTP {status}" in verdict["message"]
     assert "retries with backoff" in verdict["message"]
     assert host.boot_state().next_slot == "a"
+
+
+def test_http_meta_trickling_in_ends_within_the_source_timeout(
+    tmp_path: Path, nginx: Nginx
+) -> None:
+    """A meta that trickles in (bytes keep coming, never a pause as long as source.timeout)
+    ends in source-unreachable within about source.timeout, as on S3."""
+    with FaultProxy("127.0.0.1", nginx.port) as proxy:
+        proxy.set_fault(Fault("drip", rate=300))
+        host = CliHost(tmp_path / "host")
+        host.write_config(f"{proxy.url}/fleet/host")
+        host.config.write_text(host.config.read_text().replace("timeout = 5\n", "timeout = 1\n"))
+        started = time.monotonic()
+        host.run_once(timeout=60)
+        elapsed = time.monotonic() - started
+    verdict = host.state()["last_verdict"]
+    assert verdict["code"] == "source-unreachable", verdict
+    assert "fetch meta" in verdict["message"]
+    assert elapsed < 8, f"the trickling meta took {elapsed:.1f} s to end (timeout = 1)"
+
+
+@pytest.mark.parametrize("scheme", ["http", "s3"])
+def test_image_trickling_in_below_the_low_speed_limit_ends_and_resumes(
+    tmp_path: Path,
+    nginx: Nginx,
+    moto: MotoServer,
+    s3_bucket: str,
+    published: BuiltRelease,
+    scheme: str,
+) -> None:
+    """An image arriving slower than source.low_speed_limit for source.low_speed_time ends
+    in source-unreachable with its checkpoint kept, although no read ever waits as long
+    as source.timeout; once the link is fast again the next run resumes."""
+    port = nginx.port if scheme == "http" else int(moto.endpoint.rsplit(":", 1)[1])
+    if scheme == "s3":
+        upload_tree(moto.endpoint, s3_bucket, published.directory, "fleet")
+    with FaultProxy("127.0.0.1", port) as proxy:
+        # Fast for the meta and three chunks, then 40 KB/s: 7 MB would take minutes.
+        proxy.set_fault(Fault("drip", rate=40_000, after=3 * published.meta.image.chunks[1].offset))
+        host = CliHost(tmp_path / "host")
+        if scheme == "http":
+            host.write_config(
+                f"{proxy.url}/fleet/host", "low_speed_limit = 200000\nlow_speed_time = 1.5"
+            )
+        else:
+            host.write_config(
+                f"s3://{s3_bucket}/fleet/host",
+                f's3_endpoint = "{proxy.url}"\nlow_speed_limit = 200000\nlow_speed_time = 1.5',
+            )
+        started = time.monotonic()
+        host.run_once(env=moto.credentials_env(), timeout=60)
+        elapsed = time.monotonic() - started
+        verdict = host.state()["last_verdict"]
+        assert verdict["code"] == "source-unreachable", verdict
+        assert "below source.low_speed_limit" in verdict["message"]
+        assert elapsed < 15, f"the trickling image took {elapsed:.1f} s to end"
+        chunks = host.state()["progress"]["chunks_done"]
+        assert chunks >= 2
+        assert host.boot_state().next_slot == "a"
+        proxy.clear()
+        done = host.run_once(env=moto.credentials_env(), timeout=60)
+    host.assert_staged(done, published.image_path)
+    installed = [h for h in host.state()["history"] if h["event"] == "installed"]
+    assert installed[-1]["detail"].endswith(f"resumed at chunk {chunks}")

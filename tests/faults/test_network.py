@@ -52,6 +52,14 @@ SOURCE_TIMEOUT = 1.5
 CHECK_LIMIT = 30.0
 #: Every network fault, HTTP or S3, is this verdict (retried with backoff).
 NETWORK_CODE = "source-unreachable"
+#: The rows' low-speed limit (B/s over LOW_SPEED_TIME s): a trickle below it must end.
+LOW_SPEED_LIMIT = 300_000
+LOW_SPEED_TIME = 1.0
+#: The [source] settings of both rows.
+SOURCE_SETTINGS = (
+    f"timeout = {SOURCE_TIMEOUT}\nlow_speed_limit = {LOW_SPEED_LIMIT}\n"
+    f"low_speed_time = {LOW_SPEED_TIME}"
+)
 
 
 @dataclass
@@ -110,6 +118,11 @@ def seeded_cases(
     # About 2 s for the image (the meta goes first, on the same connection).
     rate = image.compressed_size // 2
     cases += [Case(Fault("drip", rate=rate)) for _ in range(counts["drip"])]
+    # A link that slows to a trickle mid-image: bytes keep coming, under the limit.
+    cases += [
+        Case(Fault("drip", rate=LOW_SPEED_LIMIT // 6, after=rng.randrange(*mid)))
+        for _ in range(counts["trickle"])
+    ]
     cases += [
         Case(Fault("cut", after=rng.randrange(*mid)), replace=True)
         for _ in range(counts["replace"])
@@ -235,7 +248,8 @@ def run_row(
         if flipped_onto_bad_data(host):
             row.flips_on_bad_data += 1
             problems.append(f"{name}: GRUB would boot slot b, which holds no verified release")
-        if verdict["outcome"] == "staged" and case.fault.kind in ("drip", "http"):
+        trickle = case.fault.kind == "drip" and case.fault.rate < LOW_SPEED_LIMIT
+        if verdict["outcome"] == "staged" and case.fault.kind in ("drip", "http") and not trickle:
             # A slow link, or 5xx that went away: the check itself installs.
             row.reported[f"staged ({case.fault.kind})"] += 1
             if case.fault.kind == "drip" and seconds < 1.8:
@@ -248,6 +262,8 @@ def run_row(
             row.reported[verdict["code"]] += 1
             if not verdict["message"]:
                 problems.append(f"{name}: a verdict without a message")
+            if trickle and "below source.low_speed_limit" not in verdict["message"]:
+                problems.append(f"{name}: a trickle should end by the low-speed limit")
         progress = host.state().get("progress")
         resume_at = progress["chunks_done"] if progress and verdict["outcome"] == "error" else 0
 
@@ -349,7 +365,16 @@ def test_nginx_network_faults(
     and the next update installs, resuming with a Range request when it can."""
     fleet, server = served
     rng = random.Random(NGINX_SEED)
-    counts = {"reset": 6, "cut": 6, "stall": 4, "refuse": 2, "http": 3, "drip": 1, "replace": 2}
+    counts = {
+        "reset": 6,
+        "cut": 6,
+        "stall": 4,
+        "refuse": 2,
+        "http": 3,
+        "drip": 1,
+        "trickle": 2,
+        "replace": 2,
+    }
     cases = seeded_cases(rng, releases.r1, counts, [500, 503])
     print(f"\nnginx row: seed {NGINX_SEED}, {len(cases)} cases")
     mtime = [time.time() - 3600.0]
@@ -367,16 +392,14 @@ def test_nginx_network_faults(
         mtime[0] += 10
         os.utime(path, (mtime[0], mtime[0]))
 
-    row = faults.add(
-        Row(fault=f"network: nginx (reset/cut/stall/refuse/5xx/drip/replaced, seed {NGINX_SEED})")
-    )
+    row = faults.add(Row(fault=f"network: nginx through the fault proxy (seed {NGINX_SEED})"))
     start = time.perf_counter()
     with FaultProxy("127.0.0.1", server.port) as proxy:
         host = prepare_host(
             tmp_path / "host", f"{proxy.url}/fleet/host", installed=releases.images[0]
         )
         try:
-            with_source_settings(host, f"timeout = {SOURCE_TIMEOUT}")
+            with_source_settings(host, SOURCE_SETTINGS)
             with DaemonProcess(host).start() as daemon:
                 assert host.state()["last_verdict"]["code"] == "up-to-date"
                 outcome = run_row(
@@ -409,7 +432,16 @@ def test_s3_network_faults(
         key = f"fleet/{release.meta.image.object}"
         client.put_object(Bucket=s3_bucket, Key=key, Body=release.object_path.read_bytes())
     rng = random.Random(S3_SEED)
-    counts = {"reset": 4, "cut": 4, "stall": 3, "refuse": 2, "http": 4, "drip": 1, "replace": 2}
+    counts = {
+        "reset": 4,
+        "cut": 4,
+        "stall": 3,
+        "refuse": 2,
+        "http": 4,
+        "drip": 1,
+        "trickle": 2,
+        "replace": 2,
+    }
     cases = seeded_cases(rng, releases.r1, counts, [500, 503])
     print(f"\nS3 row: seed {S3_SEED}, {len(cases)} cases")
 
@@ -418,30 +450,30 @@ def test_s3_network_faults(
         client.put_object(Bucket=s3_bucket, Key="fleet/host.meta", Body=meta)
 
     def replace_image(release: BuiltRelease) -> None:
-        # The same bytes as a one-part multipart upload: a new ETag (not the MD5).
+        """Upload the same bytes again so that the ETag changes: as one part of a
+        multipart upload (an ETag that is not the MD5), or, over such an object, with
+        one PUT (the MD5 again)."""
         key = f"fleet/{release.meta.image.object}"
+        body = release.object_path.read_bytes()
         before = client.head_object(Bucket=s3_bucket, Key=key)["ETag"]
-        upload = client.create_multipart_upload(Bucket=s3_bucket, Key=key)
-        part = client.upload_part(
-            Bucket=s3_bucket,
-            Key=key,
-            UploadId=upload["UploadId"],
-            PartNumber=1,
-            Body=release.object_path.read_bytes(),
-        )
-        client.complete_multipart_upload(
-            Bucket=s3_bucket,
-            Key=key,
-            UploadId=upload["UploadId"],
-            MultipartUpload={"Parts": [{"ETag": part["ETag"], "PartNumber": 1}]},
-        )
+        if "-" in before:
+            client.put_object(Bucket=s3_bucket, Key=key, Body=body)
+        else:
+            upload = client.create_multipart_upload(Bucket=s3_bucket, Key=key)
+            part = client.upload_part(
+                Bucket=s3_bucket, Key=key, UploadId=upload["UploadId"], PartNumber=1, Body=body
+            )
+            client.complete_multipart_upload(
+                Bucket=s3_bucket,
+                Key=key,
+                UploadId=upload["UploadId"],
+                MultipartUpload={"Parts": [{"ETag": part["ETag"], "PartNumber": 1}]},
+            )
         assert client.head_object(Bucket=s3_bucket, Key=key)["ETag"] != before
 
     publish(releases.r0)
     port = int(moto.endpoint.rsplit(":", 1)[1])
-    row = faults.add(
-        Row(fault=f"network: S3 (reset/cut/stall/refuse/5xx/drip/replaced, seed {S3_SEED})")
-    )
+    row = faults.add(Row(fault=f"network: S3 through the fault proxy (seed {S3_SEED})"))
     start = time.perf_counter()
     env = {k: v for k, v in moto.credentials_env().items() if k != "AWS_ENDPOINT_URL"}
     with FaultProxy("127.0.0.1", port) as proxy:
@@ -449,9 +481,7 @@ def test_s3_network_faults(
             tmp_path / "host", f"s3://{s3_bucket}/fleet/host", installed=releases.images[0]
         )
         try:
-            with_source_settings(
-                host, f"timeout = {SOURCE_TIMEOUT}\ns3_endpoint = {json.dumps(proxy.url)}"
-            )
+            with_source_settings(host, f"{SOURCE_SETTINGS}\ns3_endpoint = {json.dumps(proxy.url)}")
             with DaemonProcess(host, env=env).start() as daemon:
                 assert host.state()["last_verdict"]["code"] == "up-to-date"
                 outcome = run_row(

@@ -3,16 +3,17 @@
 One real daemon per row sits behind :class:`~tests.support.faultproxy.FaultProxy`,
 which forwards to the real nginx (HTTP source) or the real moto server (S3 source)
 and breaks connections as each seeded case says: reset (RST) or clean close after
-N bytes, a stall longer than ``source.timeout``, a slow drip, refused connections,
-canned 500/503 answers for the first K requests, and an image object replaced
-while a download is interrupted. N is drawn by a seeded RNG over the bytes of the
-meta and the image, so faults land in the meta, in the image's headers and
-mid-image.
+N bytes, a stall longer than ``source.timeout``, a slow link, a link that slows to
+a trickle under ``source.low_speed_limit`` mid-image, refused connections, canned
+500/503 answers for the first K requests, and an image object replaced while its
+download is interrupted. N is drawn by a seeded RNG over the bytes of the meta and
+the image, so faults land in the meta, in the image's headers and mid-image.
 
 The host starts up to date on R0; each case publishes R1 or R2 (alternately),
 sets the fault, and asks for an update (``POST /v1/update`` with ``wait``) under a
-time limit. The answer must be a verdict with a network code (``source-*``) and
-no flip onto data that was not verified; then the fault is lifted and the next
+time limit. The answer must be ``source-unreachable`` (the slow link, and 5xx that
+stop after K requests, install within the checks) and no flip onto data that was
+not verified; then the fault is lifted and the next
 update (``organixctl update --wait --json``) must stage the published release,
 resuming from the checkpoint when the fault hit mid-image (nginx's access log
 shows the Range request; the daemon's history says from which chunk). Each test

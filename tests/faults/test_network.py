@@ -27,6 +27,7 @@ import os
 import random
 import shutil
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -152,7 +153,12 @@ def update_now(host: Host) -> dict[str, Any]:
 
 def update_with_organixctl(host: Host) -> dict[str, Any]:
     """``organixctl update --wait --json``: its last line is the verdict event."""
-    result = organixctl("update", "--wait", "--json", socket_path=host.socket, timeout=CHECK_LIMIT)
+    try:
+        result = organixctl(
+            "update", "--wait", "--json", socket_path=host.socket, timeout=CHECK_LIMIT
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise TimeoutError(f"organixctl update --wait: no verdict within {CHECK_LIMIT} s") from exc
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
     assert lines, result.stderr
     verdict: dict[str, Any] = lines[-1]

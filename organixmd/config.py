@@ -37,6 +37,10 @@ class SourceConfig(_Section):
     public_keys: tuple[str, ...] = ()
     public_key_files: tuple[Path, ...] = ()
     timeout: PositiveSeconds = 30.0
+    #: A download averaging fewer bytes/s than this over ``low_speed_time`` seconds of
+    #: waiting is ended (source-unreachable; the next check resumes). 0: no limit.
+    low_speed_limit: int = Field(default=1024, ge=0, le=10**10)
+    low_speed_time: PositiveSeconds = 60.0
 
     @field_validator("url")
     @classmethod

@@ -472,7 +472,7 @@ class Installer:
         stream: ByteStream | None = None
         try:
             if start_chunk < len(image.chunks):
-                stream = await self.source.open_image(
+                stream = await self.source.open_download(
                     self.release, image.chunks[start_chunk].offset, etag
                 )
                 etag = stream.etag or etag
@@ -548,7 +548,7 @@ class Installer:
         stream: ByteStream | None = None
         etag: str | None = None
         try:
-            stream = await self.source.open_image(self.release, 0, None)
+            stream = await self.source.open_download(self.release, 0, None)
             etag = stream.etag
             while True:
                 await piece_permits.acquire()

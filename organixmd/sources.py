@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -59,6 +60,51 @@ class ByteStream(Protocol):
     async def aclose(self) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class LowSpeed:
+    """A download averaging under ``limit`` bytes/s over ``seconds`` of waiting is broken."""
+
+    limit: int
+    seconds: float
+
+
+class LowSpeedGuard:
+    """Ends a download that trickles in (curl's ``--speed-limit``/``--speed-time``).
+
+    A read timeout only catches a stall; bytes that keep coming, slowly, would hold the
+    check for as long as the image takes at that rate. Only the time spent waiting in
+    :meth:`read` counts, so a pipeline that is itself slow (a busy disk) never trips it.
+    """
+
+    def __init__(self, inner: ByteStream, low: LowSpeed, where: str) -> None:
+        self._inner = inner
+        self._low = low
+        self._where = where
+        self._bytes = 0
+        self._waited = 0.0
+        self.etag = inner.etag
+
+    async def read(self, n: int) -> bytes:
+        started = time.monotonic()
+        data = await self._inner.read(n)
+        self._waited += time.monotonic() - started
+        self._bytes += len(data)
+        if self._waited >= self._low.seconds:
+            rate = self._bytes / self._waited
+            if rate < self._low.limit:
+                raise SourceUnreachable(
+                    f"download of {self._where}: {self._bytes} bytes in {self._waited:.1f} s "
+                    f"({rate:.0f} B/s), below source.low_speed_limit = {self._low.limit} B/s "
+                    f"for source.low_speed_time = {self._low.seconds:g} s",
+                    hint="check the network; the next check resumes from the last checkpoint",
+                )
+            self._bytes, self._waited = 0, 0.0
+        return data
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
 async def read_exactly(stream: ByteStream, n: int, what: str) -> bytes:
     """Read exactly ``n`` bytes or raise :class:`SourceError` naming ``what``."""
     first = await stream.read(n)
@@ -82,6 +128,8 @@ class Source(ABC):
     def __init__(self, url: str, timeout: float) -> None:
         self.url = url
         self.timeout = timeout
+        #: Set from the configuration by :func:`open_source`; ``None``: no low-speed limit.
+        self.low_speed: LowSpeed | None = None
         self._stack = contextlib.AsyncExitStack()
 
     @property
@@ -123,6 +171,13 @@ class Source(ABC):
     @abstractmethod
     async def open_image(self, release: Release, start: int, if_match: str | None) -> ByteStream:
         """Open the image object at byte ``start``; ``if_match`` guards a resume."""
+
+    async def open_download(self, release: Release, start: int, if_match: str | None) -> ByteStream:
+        """:meth:`open_image`, ended by :class:`LowSpeedGuard` if it trickles in."""
+        stream = await self.open_image(release, start, if_match)
+        if self.low_speed is None:
+            return stream
+        return LowSpeedGuard(stream, self.low_speed, self.image_url(release))
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -188,6 +243,11 @@ class HttpSource(Source):
             raise SourceDenied(f"{action} {url}: HTTP {status} {response.reason}")
         if status == 412:
             raise SourceChanged(f"{action} {url}: the object changed since the download began")
+        if status >= 500:
+            # A server that is down or overloaded, as S3's 5xx: retried with backoff.
+            raise SourceUnreachable(
+                f"{action} {url}: the server failed: HTTP {status} {response.reason}"
+            )
         raise SourceError(f"{action} {url}: unexpected HTTP {status} {response.reason}")
 
     async def _fetch_small(
@@ -205,7 +265,14 @@ class HttpSource(Source):
                 raise SourceError(
                     f"{action} {url}: {response.content_length} bytes, over the {limit}-byte limit"
                 )
-            data = await _read_bounded(_HttpStream(response), limit, f"{action} {url}")
+            try:
+                # As a whole: a small object that trickles in must not hold the check.
+                async with asyncio.timeout(self.timeout):
+                    data = await _read_bounded(_HttpStream(response), limit, f"{action} {url}")
+            except TimeoutError as exc:
+                raise SourceUnreachable(
+                    f"{action} {url}: the body did not arrive within {self.timeout:g} s"
+                ) from exc
             return Fetched(data=data, etag=response.headers.get("ETag"))
 
     async def fetch_meta(self, etag: str | None) -> Fetched | None:
@@ -392,6 +459,10 @@ class S3Source(Source):
             region=config.s3_region,
             credentials=config.credentials,
             credentials_file=config.credentials_file,
+            # source.timeout bounds the wait for the next bytes of a body too: with
+            # botocore's own 60 s, a download stalled mid-image held the check that long.
+            connect_timeout=min(config.timeout, 600.0),
+            read_timeout=min(config.timeout, 3600.0),
         )
         self._client: Any = None
 
@@ -439,10 +510,16 @@ class S3Source(Source):
                 f"{action} s3://{self.bucket}/{key}: {response['ContentLength']} bytes, over the "
                 f"{limit}-byte limit"
             )
-        stream = _S3Stream(response["Body"], response.get("ETag"), f"s3://{self.bucket}/{key}")
+        where = f"s3://{self.bucket}/{key}"
+        stream = _S3Stream(response["Body"], response.get("ETag"), where)
         try:
             async with asyncio.timeout(self.timeout):
-                data = await _read_bounded(stream, limit, f"{action} s3://{self.bucket}/{key}")
+                data = await _read_bounded(stream, limit, f"{action} {where}")
+        except TimeoutError as exc:
+            # The body stalled: a network fault like any other, not a crash of the check.
+            raise SourceUnreachable(
+                f"{action} {where}: the body did not arrive within {self.timeout:g} s"
+            ) from exc
         finally:
             await stream.aclose()
         return Fetched(data=data, etag=response.get("ETag"))
@@ -473,10 +550,15 @@ def open_source(config: SourceConfig, url: str | None = None) -> Source:
     """The source for ``url`` (default: the configured release URL)."""
     target = url or config.url
     scheme = urlsplit(target).scheme
+    source: Source
     if scheme == "s3":
-        return S3Source(target, config)
-    if scheme in ("http", "https"):
-        return HttpSource(target, config.timeout)
-    if scheme == "file":
-        return FileSource(target, config.timeout)
-    raise SourceError(f"unsupported release URL scheme in {target!r}")
+        source = S3Source(target, config)
+    elif scheme in ("http", "https"):
+        source = HttpSource(target, config.timeout)
+    elif scheme == "file":
+        source = FileSource(target, config.timeout)
+    else:
+        raise SourceError(f"unsupported release URL scheme in {target!r}")
+    if config.low_speed_limit and scheme != "file":
+        source.low_speed = LowSpeed(config.low_speed_limit, config.low_speed_time)
+    return source

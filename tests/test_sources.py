@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import boto3
 import pytest
 
 from organixmd.boot import BootControl, BootState
+from tests.support.faultproxy import Fault, FaultProxy
 from tests.support.images import make_ext4_image, sha256_file
 from tests.support.nginx import Nginx, start_nginx
 from tests.support.releases import BuiltRelease, build_legacy_release, build_release
@@ -360,3 +362,131 @@ def test_unchanged_meta_on_s3_answers_not_modified(
     assert second.returncode == 0, second.stdout + second.stderr
     assert second.stdout.startswith("up-to-date: meta unchanged: slot a runs")
     assert host.state()["meta_etag"] == etag
+
+
+def test_stalled_s3_download_ends_within_the_source_timeout(
+    tmp_path: Path, moto: MotoServer, s3_bucket: str, published: BuiltRelease
+) -> None:
+    """An S3 image download that stalls mid-body ends in source-unreachable within about
+    source.timeout (not botocore's default 60 s read timeout), keeping its checkpoint."""
+    upload_tree(moto.endpoint, s3_bucket, published.directory, "fleet")
+    half = published.meta.image.compressed_size // 2
+    with FaultProxy("127.0.0.1", int(moto.endpoint.rsplit(":", 1)[1])) as proxy:
+        proxy.set_fault(Fault("stall", after=half))
+        host = CliHost(tmp_path / "host")
+        host.write_config(f"s3://{s3_bucket}/fleet/host", f's3_endpoint = "{proxy.url}"')
+        text = host.config.read_text().replace("timeout = 5\n", "timeout = 2\n")
+        host.config.write_text(text)
+        started = time.monotonic()
+        done = host.run_once(env=moto.credentials_env(), timeout=90)
+        elapsed = time.monotonic() - started
+    assert done.returncode != 0, done.stdout
+    assert host.state()["last_verdict"]["code"] == "source-unreachable", done.stdout
+    assert "broke off" in host.state()["last_verdict"]["message"]
+    assert elapsed < 15, f"the stalled download took {elapsed:.1f} s to end (timeout = 2)"
+    assert host.state()["progress"]["chunks_done"] > 0
+    assert host.boot_state().next_slot == "a"
+
+
+def test_s3_meta_stalled_mid_body_is_source_unreachable(
+    tmp_path: Path, moto: MotoServer, s3_bucket: str, published: BuiltRelease
+) -> None:
+    """A meta whose body stalls on S3 ends in source-unreachable naming the meta, not in an
+    internal error with a traceback; nothing is written."""
+    upload_tree(moto.endpoint, s3_bucket, published.directory, "fleet")
+    with FaultProxy("127.0.0.1", int(moto.endpoint.rsplit(":", 1)[1])) as proxy:
+        # Past the answer's headers, inside the meta's body.
+        proxy.set_fault(Fault("stall", after=1500))
+        host = CliHost(tmp_path / "host")
+        host.write_config(f"s3://{s3_bucket}/fleet/host", f's3_endpoint = "{proxy.url}"')
+        text = host.config.read_text().replace("timeout = 5\n", "timeout = 1\n")
+        host.config.write_text(text)
+        done = host.run_once(env=moto.credentials_env(), timeout=60)
+    verdict = host.state()["last_verdict"]
+    assert verdict["code"] == "source-unreachable", verdict
+    assert "host.meta" in verdict["message"]
+    assert "Traceback" not in done.stdout + done.stderr
+    assert proxy.connections[0].outcome == "stall"
+    assert host.boot_state().next_slot == "a"
+
+
+@pytest.mark.parametrize("status", [500, 503])
+def test_http_server_error_is_source_unreachable_like_s3(
+    tmp_path: Path, nginx: Nginx, status: int
+) -> None:
+    """A web server answering 5xx is a server that is down: source-unreachable with the
+    retry hint, as the same answer from S3 is, not a bare source-error."""
+    with FaultProxy("127.0.0.1", nginx.port) as proxy:
+        proxy.set_fault(Fault("http", status=status))
+        host = CliHost(tmp_path / "host")
+        host.write_config(f"{proxy.url}/fleet/host")
+        host.run_once()
+    verdict = host.state()["last_verdict"]
+    assert verdict["code"] == "source-unreachable", verdict
+    assert f"HTTP {status}" in verdict["message"]
+    assert "retries with backoff" in verdict["message"]
+    assert host.boot_state().next_slot == "a"
+
+
+def test_http_meta_trickling_in_ends_within_the_source_timeout(
+    tmp_path: Path, nginx: Nginx
+) -> None:
+    """A meta that trickles in (bytes keep coming, never a pause as long as source.timeout)
+    ends in source-unreachable within about source.timeout, as on S3."""
+    with FaultProxy("127.0.0.1", nginx.port) as proxy:
+        proxy.set_fault(Fault("drip", rate=300))
+        host = CliHost(tmp_path / "host")
+        host.write_config(f"{proxy.url}/fleet/host")
+        host.config.write_text(host.config.read_text().replace("timeout = 5\n", "timeout = 1\n"))
+        started = time.monotonic()
+        host.run_once(timeout=60)
+        elapsed = time.monotonic() - started
+    verdict = host.state()["last_verdict"]
+    assert verdict["code"] == "source-unreachable", verdict
+    assert "fetch meta" in verdict["message"]
+    assert elapsed < 8, f"the trickling meta took {elapsed:.1f} s to end (timeout = 1)"
+
+
+@pytest.mark.parametrize("scheme", ["http", "s3"])
+def test_image_trickling_in_below_the_low_speed_limit_ends_and_resumes(
+    tmp_path: Path,
+    nginx: Nginx,
+    moto: MotoServer,
+    s3_bucket: str,
+    published: BuiltRelease,
+    scheme: str,
+) -> None:
+    """An image arriving slower than source.low_speed_limit for source.low_speed_time ends
+    in source-unreachable with its checkpoint kept, although no read ever waits as long
+    as source.timeout; once the link is fast again the next run resumes."""
+    port = nginx.port if scheme == "http" else int(moto.endpoint.rsplit(":", 1)[1])
+    if scheme == "s3":
+        upload_tree(moto.endpoint, s3_bucket, published.directory, "fleet")
+    with FaultProxy("127.0.0.1", port) as proxy:
+        # Fast for the meta and three chunks, then 40 KB/s: 7 MB would take minutes.
+        proxy.set_fault(Fault("drip", rate=40_000, after=3 * published.meta.image.chunks[1].offset))
+        host = CliHost(tmp_path / "host")
+        if scheme == "http":
+            host.write_config(
+                f"{proxy.url}/fleet/host", "low_speed_limit = 200000\nlow_speed_time = 1.5"
+            )
+        else:
+            host.write_config(
+                f"s3://{s3_bucket}/fleet/host",
+                f's3_endpoint = "{proxy.url}"\nlow_speed_limit = 200000\nlow_speed_time = 1.5',
+            )
+        started = time.monotonic()
+        host.run_once(env=moto.credentials_env(), timeout=60)
+        elapsed = time.monotonic() - started
+        verdict = host.state()["last_verdict"]
+        assert verdict["code"] == "source-unreachable", verdict
+        assert "below source.low_speed_limit" in verdict["message"]
+        assert elapsed < 15, f"the trickling image took {elapsed:.1f} s to end"
+        chunks = host.state()["progress"]["chunks_done"]
+        assert chunks >= 2
+        assert host.boot_state().next_slot == "a"
+        proxy.clear()
+        done = host.run_once(env=moto.credentials_env(), timeout=60)
+    host.assert_staged(done, published.image_path)
+    installed = [h for h in host.state()["history"] if h["event"] == "installed"]
+    assert installed[-1]["detail"].endswith(f"resumed at chunk {chunks}")

@@ -52,8 +52,15 @@ S3_SEED = 20261203
 SOURCE_TIMEOUT = 1.5
 #: No check may take longer than this to end in a verdict (a stuck host otherwise).
 CHECK_LIMIT = 30.0
-#: Every network fault, HTTP or S3, is this verdict (retried with backoff).
+#: Every network fault, HTTP or S3, is this verdict (retried with backoff)...
 NETWORK_CODE = "source-unreachable"
+#: ... except damaged bytes, which are refused by what checks them: the HTTP parser, the
+#: meta's schema, a chunk's SHA-256 or the zstd frame; and a wrong Content-Length, which
+#: is a stall (too long) or a short or garbled answer (too short).
+DAMAGE_CODES = {
+    "garbage": {NETWORK_CODE, "source-error", "meta-invalid", "chunk-mismatch", "image-invalid"},
+    "length": {NETWORK_CODE, "source-error", "meta-invalid", "chunk-mismatch", "image-invalid"},
+}
 #: The rows' low-speed limit (B/s over LOW_SPEED_TIME s): a trickle below it must end.
 LOW_SPEED_LIMIT = 300_000
 LOW_SPEED_TIME = 1.0
@@ -128,6 +135,14 @@ def seeded_cases(
     cases += [
         Case(Fault("cut", after=rng.randrange(*mid)), replace=True)
         for _ in range(counts["replace"])
+    ]
+    cases += [
+        Case(Fault("garbage", after=rng.randrange(0, meta) if n == 0 else rng.randrange(*mid)))
+        for n in range(counts["garbage"])
+    ]
+    cases += [
+        Case(Fault("length", delta=rng.choice([-1, 1]) * rng.randrange(1, 4096)))
+        for _ in range(counts["length"])
     ]
     rng.shuffle(cases)
     return cases
@@ -261,7 +276,9 @@ def run_row(
             row.reported[f"staged ({case.fault.kind})"] += 1
             if case.fault.kind == "drip" and seconds < 1.8:
                 problems.append(f"{name}: the drip did not slow the download ({seconds:.1f} s)")
-        elif verdict["outcome"] != "error" or verdict["code"] != NETWORK_CODE:
+        elif verdict["outcome"] != "error" or verdict["code"] not in DAMAGE_CODES.get(
+            case.fault.kind, {NETWORK_CODE}
+        ):
             # Counted as a problem; the recovery below still runs, so later cases start
             # from a host in a known state.
             problems.append(f"{name}: expected a network verdict, got {verdict}")
@@ -381,8 +398,10 @@ def test_nginx_network_faults(
         "drip": 1,
         "trickle": 2,
         "replace": 2,
+        "garbage": 3,
+        "length": 2,
     }
-    cases = seeded_cases(rng, releases.r1, counts, [500, 503])
+    cases = seeded_cases(rng, releases.r1, counts, [403, 404, 500, 503])
     print(f"\nnginx row: seed {NGINX_SEED}, {len(cases)} cases")
     mtime = [time.time() - 3600.0]
 
@@ -448,8 +467,10 @@ def test_s3_network_faults(
         "drip": 1,
         "trickle": 2,
         "replace": 2,
+        "garbage": 3,
+        "length": 2,
     }
-    cases = seeded_cases(rng, releases.r1, counts, [500, 503])
+    cases = seeded_cases(rng, releases.r1, counts, [403, 404, 500, 503])
     print(f"\nS3 row: seed {S3_SEED}, {len(cases)} cases")
 
     def publish(release: BuiltRelease) -> None:

@@ -13,7 +13,11 @@ connection (to the first ``connections`` of them, or to all until cleared):
            (a slow link, or one that becomes slow mid-download);
 ``refuse`` the listener is closed: connecting is refused (``ECONNREFUSED``);
 ``http``   answer the first request on the connection with a canned HTTP
-           ``status`` (500, 503) and close, without asking the server.
+           ``status`` (403, 404, 500, 503) and close, without asking the server;
+``garbage`` forward ``after`` bytes, then as many seeded random bytes as the server
+           sends (the lengths still agree; the bytes do not);
+``length`` forward everything, but every ``Content-Length`` header the server sends is
+           off by ``delta`` bytes (a broken middlebox).
 
 Byte counts are of the server's answer (server → client) on that connection, from
 its first byte, so a kept-alive connection counts the meta before the image.
@@ -28,6 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
+import re
 import socket
 import struct
 import threading
@@ -37,14 +43,21 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, Self
 
-FaultKind = Literal["reset", "cut", "stall", "drip", "refuse", "http"]
+FaultKind = Literal["reset", "cut", "stall", "drip", "refuse", "http", "garbage", "length"]
 READ_SIZE = 64 * 1024
 #: A request head longer than this is not HTTP the proxy answers; it is cut.
 MAX_HEAD = 64 * 1024
 #: How long a stalled connection is held at most if nobody clears the fault.
 MAX_STALL = 300.0
 
-_REASONS = {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
+_REASONS = {
+    403: "Forbidden",
+    404: "Not Found",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+}
+_CONTENT_LENGTH = re.compile(rb"(?i)(\r\ncontent-length:[ \t]*)(\d+)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,12 +69,18 @@ class Fault:
     rate: int = 0
     #: http: the status answered.
     status: int = 503
+    #: length: what every Content-Length header is off by.
+    delta: int = 0
     #: Apply to this many new connections, then forward normally; ``None``: all until cleared.
     connections: int | None = None
 
     def describe(self) -> str:
         if self.kind in ("reset", "cut", "stall"):
             detail = f"{self.kind} after {self.after} bytes"
+        elif self.kind == "garbage":
+            detail = f"garbage after {self.after} bytes"
+        elif self.kind == "length":
+            detail = f"Content-Length off by {self.delta:+d}"
         elif self.kind == "drip":
             detail = f"drip at {self.rate} B/s" + (
                 f" after {self.after} bytes" if self.after else ""
@@ -304,7 +323,20 @@ class FaultProxy:
         if limit is not None and limit == 0:
             await self._hit(writer, fault, record)
             return
+        garbage = (
+            random.Random(fault.after) if fault is not None and fault.kind == "garbage" else None
+        )
         while piece := await reader.read(READ_SIZE):
+            if fault is not None and fault.kind == "length":
+                piece = _CONTENT_LENGTH.sub(
+                    lambda m: m.group(1) + str(max(0, int(m.group(2)) + fault.delta)).encode(),
+                    piece,
+                )
+                record.outcome = "length"
+            if garbage is not None and fault is not None and record.down + len(piece) > fault.after:
+                keep = max(0, fault.after - record.down)
+                piece = piece[:keep] + garbage.randbytes(len(piece) - keep)
+                record.outcome = "garbage"
             if limit is not None and record.down + len(piece) >= limit:
                 piece = piece[: limit - record.down]
                 writer.write(piece)
@@ -318,7 +350,8 @@ class FaultProxy:
                 writer.write(piece)
                 record.down += len(piece)
                 await writer.drain()
-        record.outcome = "forwarded"
+        if record.outcome == "open":
+            record.outcome = "forwarded"
 
     @staticmethod
     async def _drip(

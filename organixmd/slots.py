@@ -125,6 +125,107 @@ def mount_point_of(devices: set[str], mountinfo: Path, source: str | None = None
     return None
 
 
+#: /sys/dev/block/MAJ:MIN: what the kernel says backs a block device.
+SYS_DEV_BLOCK = Path("/sys/dev/block")
+#: Loop devices over loop devices over ... deeper than this are refused as unknown.
+_MAX_DEPTH = 16
+_END = 1 << 63
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A byte range ``[start, end)`` of one underlying object: a file (by device and
+    inode) or a whole block device that nothing further backs (by major and minor)."""
+
+    object: tuple[str, int, int]
+    start: int
+    end: int
+
+    def overlaps(self, other: Extent) -> bool:
+        return self.object == other.object and self.start < other.end and other.start < self.end
+
+    def describe(self) -> str:
+        kind, first, second = self.object
+        what = f"inode {second} on device {os.major(first)}:{os.minor(first)}"
+        if kind == "disk":
+            what = f"block device {first}:{second}"
+        end = "its end" if self.end >= _END else f"byte {self.end}"
+        return f"{what}, bytes {self.start} to {end}"
+
+
+def _sysfs_int(path: Path) -> int:
+    return int(path.read_text().strip() or 0)
+
+
+def _device_extents(major: int, minor: int, depth: int) -> list[Extent]:
+    """What backs block device ``major:minor``, down through loop devices, partitions and
+    stacked devices (device-mapper, md: every device below, whole, to stay on the safe
+    side). Raises OSError when sysfs cannot say."""
+    node = SYS_DEV_BLOCK / f"{major}:{minor}"
+    loop = node / "loop"
+    if loop.is_dir():
+        backing = (loop / "backing_file").read_text().strip()
+        offset = _sysfs_int(loop / "offset")
+        limit = _sysfs_int(loop / "sizelimit")
+        below = backing_extents(Path(backing.removesuffix(" (deleted)")), depth + 1)
+        return _window(below, offset, limit)
+    if (node / "partition").exists():
+        parent = node.resolve().parent
+        pmajor, pminor = (int(n) for n in (parent / "dev").read_text().split(":"))
+        start = _sysfs_int(node / "start") * 512
+        size = _sysfs_int(node / "size") * 512
+        return _window(_device_extents(pmajor, pminor, depth + 1), start, size)
+    slaves = sorted((node / "slaves").iterdir()) if (node / "slaves").is_dir() else []
+    if slaves:
+        extents: list[Extent] = []
+        for slave in slaves:
+            smajor, sminor = (int(n) for n in (slave / "dev").read_text().split(":"))
+            extents += [
+                Extent(e.object, 0, _END) for e in _device_extents(smajor, sminor, depth + 1)
+            ]
+        return extents
+    return [Extent(("disk", major, minor), 0, _END)]
+
+
+def _window(extents: list[Extent], offset: int, length: int) -> list[Extent]:
+    """``length`` bytes (0: all the rest) from ``offset`` of the concatenation ``extents``."""
+    out: list[Extent] = []
+    position = 0
+    want_end = _END if length == 0 else offset + length
+    for extent in extents:
+        size = extent.end - extent.start
+        lo, hi = max(offset, position), min(want_end, position + size)
+        if lo < hi:
+            out.append(
+                Extent(extent.object, extent.start + lo - position, extent.start + hi - position)
+            )
+        position += size
+        if position >= want_end:
+            break
+    return out
+
+
+def backing_extents(path: Path, depth: int = 0) -> list[Extent]:
+    """The byte ranges of files and whole disks that ``path`` (a file or a block device,
+    symlinks followed) reads and writes in the end. Raises OSError when that cannot be
+    told (a missing path, a stack too deep, sysfs unreadable)."""
+    if depth > _MAX_DEPTH:
+        raise OSError(f"{path}: more than {_MAX_DEPTH} layers of loop devices or partitions")
+    st = os.stat(path)
+    if stat.S_ISBLK(st.st_mode):
+        return _device_extents(os.major(st.st_rdev), os.minor(st.st_rdev), depth)
+    return [Extent(("file", st.st_dev, st.st_ino), 0, max(st.st_size, 1))]
+
+
+def shared_extent(first: Path, second: Path) -> tuple[Extent, Extent] | None:
+    """A pair of overlapping extents of ``first`` and ``second``, if they share bytes."""
+    for a in backing_extents(first):
+        for b in backing_extents(second):
+            if a.overlaps(b):
+                return a, b
+    return None
+
+
 def same_device(first: Path, second: Path) -> bool:
     """Whether two slot paths name the same device or file (symlinks resolved)."""
     try:
@@ -153,6 +254,24 @@ def check_target(
             f"slot {slot.name} ({slot.path}) is the same device as the booted slot "
             f"({booted_path}); refusing to write it",
             hint="[slots] a and b must name two different partitions",
+        )
+    try:
+        # A target that does not exist is reported by the capacity check below.
+        shared = shared_extent(slot.path, booted_path) if slot.path.exists() else None
+    except OSError as exc:
+        raise SlotError(
+            f"cannot tell what backs slot {slot.name} ({slot.path}) or the booted slot "
+            f"({booted_path}): {exc.strerror or exc}; refusing to write, since it might be "
+            "the booted slot",
+            hint="check [slots] in the configuration and that both devices exist",
+        ) from exc
+    if shared is not None:
+        raise SlotError(
+            f"slot {slot.name} ({slot.path}) shares bytes with the booted slot "
+            f"({booted_path}): both reach {shared[0].describe()} (the booted slot: "
+            f"{shared[1].describe()}); refusing to write it",
+            hint="[slots] a and b must name two different partitions; a loop device, "
+            "partition or file under one slot must not overlap the other",
         )
     where = mounted_at(slot.path, mountinfo)
     if where is not None:

@@ -42,6 +42,16 @@ class LoopDevices:
         self.devices.append(device)
         return device
 
+    def over(self, backing: Path, offset: int = 0, sizelimit: int = 0) -> Path:
+        """A loop device over ``backing`` (a file or another device), from ``offset``."""
+        argv = ["losetup", "--find", "--show", "--offset", str(offset)]
+        if sizelimit:
+            argv += ["--sizelimit", str(sizelimit)]
+        done = subprocess.run([*argv, str(backing)], capture_output=True, text=True, check=True)
+        device = Path(done.stdout.strip())
+        self.devices.append(device)
+        return device
+
     def mount(self, device: Path, where: Path) -> None:
         """Mount read-only: the kernel then writes nothing, so any change is the daemon's."""
         where.mkdir(parents=True, exist_ok=True)
@@ -164,3 +174,51 @@ def test_image_larger_than_loop_slot_refused(
     assert host.state()["last_verdict"]["code"] == "slot-unusable"
     assert device_hash(slot_b) == before
     assert host.boot_state().next_slot == "a"
+
+
+def _alias_cases(host_root: Path, loops: LoopDevices) -> dict[str, tuple[Path, Path, bool]]:
+    """(slot a, slot b, whether b overlaps a) for each way a slot can alias another."""
+    host_root.mkdir(parents=True, exist_ok=True)
+    file_a = host_root / "slot-a.img"
+    with open(file_a, "wb") as handle:
+        handle.truncate(32 * MiB)
+    disk = host_root / "disk.img"
+    with open(disk, "wb") as handle:
+        handle.truncate(96 * MiB)
+    part_a = loops.over(disk, 0, 48 * MiB)
+    loop_a = loops.over(file_a)
+    return {
+        "loop over slot a's file": (file_a, loops.over(file_a), True),
+        "loop over slot a's file, from an offset": (file_a, loops.over(file_a, 8 * MiB), True),
+        "loop over the loop device that is slot a": (loop_a, loops.over(loop_a), True),
+        "overlapping ranges of one disk file": (part_a, loops.over(disk, 40 * MiB), True),
+        "ranges of one disk file that do not overlap": (
+            part_a,
+            loops.over(disk, 48 * MiB, 48 * MiB),
+            False,
+        ),
+    }
+
+
+def test_slot_that_reaches_the_booted_slot_through_loop_devices_is_refused(
+    tmp_path: Path, loops: LoopDevices, release: BuiltRelease
+) -> None:
+    """Slot b resolving to slot a's bytes (a loop device over a's file, at any offset; a
+    loop over a's loop device; an overlapping range of one disk file) is refused naming
+    what they share, and a's bytes stay as they were; ranges that do not overlap install."""
+    cases = _alias_cases(tmp_path / "devices", loops)
+    for index, (label, (slot_a, slot_b, overlaps)) in enumerate(cases.items()):
+        host = CliHost(tmp_path / f"host{index}", slot_a=slot_a, slot_b=slot_b)
+        host.write_config(release.url)
+        before = device_hash(slot_a) if slot_a.is_block_device() else sha256_file(slot_a)
+        done = host.run_once()
+        after = device_hash(slot_a) if slot_a.is_block_device() else sha256_file(slot_a)
+        if overlaps:
+            assert done.returncode == 11, f"{label}: {done.stdout}{done.stderr}"
+            assert "shares bytes with the booted slot" in done.stdout, label
+            assert host.state()["last_verdict"]["code"] == "slot-unusable", label
+            assert host.boot_state().next_slot == "a", label
+            assert after == before, f"{label}: slot a was written"
+        else:
+            host.assert_staged(done, release.image_path)
+            assert after == before, f"{label}: slot a was written"

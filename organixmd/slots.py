@@ -99,7 +99,34 @@ def mounted_at(path: Path, mountinfo: Path) -> str | None:
         devices.add(f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
     else:
         devices |= _loop_backing_devices(path)
-    return mount_point_of(devices, mountinfo, source=os.path.realpath(path))
+    found = mount_point_of(devices, mountinfo, source=os.path.realpath(path))
+    return found if found is not None else _mounted_overlap(path, mountinfo)
+
+
+def _mounted_overlap(path: Path, mountinfo: Path) -> str | None:
+    """Where a block device that shares bytes with ``path`` is mounted (a loop device
+    over part of a disk file, a partition of a disk), if anywhere."""
+    try:
+        mine = backing_extents(path)
+        lines = mountinfo.read_text().splitlines()
+    except OSError:
+        return None
+    seen: dict[str, bool] = {}
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 10 or "-" not in fields or fields[2].startswith("0:"):
+            continue
+        number = fields[2]
+        if number not in seen:
+            major, minor = (int(n) for n in number.split(":"))
+            try:
+                theirs = _device_extents(major, minor, 0)
+            except (OSError, ValueError):
+                theirs = []
+            seen[number] = any(a.overlaps(b) for a in mine for b in theirs)
+        if seen[number]:
+            return _unescape_mountinfo(fields[4])
+    return None
 
 
 def mount_point_of(devices: set[str], mountinfo: Path, source: str | None = None) -> str | None:

@@ -44,7 +44,7 @@ SLOT_B_BOOT = BootEntry(
     kernel="/boot/bzImage-b",
     initrd="/boot/initrd-b",
     init="/nix/store/release-b/init",
-    params=["console=ttyS0", "entry.test=b"],
+    params=["console=ttyS0", "entry.test=b", "no_timer_check"],
 )
 
 #: Scenarios that differ from others only in the environment GRUB reads run on SeaBIOS
@@ -153,7 +153,8 @@ def test_fresh_install_boots_committed_slot_a(disk: BootDisk, firmware: str) -> 
     result = boot_and_time(disk, firmware, "fresh install")
     assert result.attempts == [("a", "committed")]
     assert result.args == (
-        "organixm.slot=a organixm.reason=committed init=/sbin/init console=ttyS0 quiet"
+        "organixm.slot=a organixm.reason=committed init=/sbin/init console=ttyS0 quiet "
+        "no_timer_check"
     )
     assert_kernel_from(disk, result, "a", TINY_BOOT)
     assert result.pauses == 0
@@ -172,7 +173,7 @@ def test_flip_boots_trial_consuming_a_try_then_commit_makes_it_good(
     assert result.attempts == [("b", "trial")]
     assert result.args == (
         "organixm.slot=b organixm.reason=trial init=/nix/store/release-b/init "
-        "console=ttyS0 entry.test=b"
+        "console=ttyS0 entry.test=b no_timer_check"
     )
     assert_kernel_from(disk, result, "b", SLOT_B_BOOT)
     with boot_control(disk) as control:

@@ -222,3 +222,26 @@ def test_slot_that_reaches_the_booted_slot_through_loop_devices_is_refused(
         else:
             host.assert_staged(done, release.image_path)
             assert after == before, f"{label}: slot a was written"
+
+
+def test_mounted_range_of_a_shared_disk_file_blocks_the_slot_it_overlaps(
+    tmp_path: Path, loops: LoopDevices, release: BuiltRelease
+) -> None:
+    """A loop device over part of slot b's disk-file range that is mounted makes slot b
+    mounted (it used to be written under the mounted file system)."""
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as handle:
+        handle.truncate(160 * MiB)
+    slot_a = loops.over(disk, 0, 48 * MiB)
+    slot_b = loops.over(disk, 48 * MiB, 48 * MiB)
+    inner = loops.over(disk, 64 * MiB, 16 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(inner)], check=True)
+    where = tmp_path / "mnt"
+    loops.mount(inner, where)
+    host = CliHost(tmp_path / "host", slot_a=slot_a, slot_b=slot_b)
+    host.write_config(release.url)
+    before = device_hash(inner)
+    done = host.run_once()
+    assert done.returncode == 11, done.stdout + done.stderr
+    assert f"is mounted at {where}; refusing to overwrite it" in done.stdout
+    assert device_hash(inner) == before

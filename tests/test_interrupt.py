@@ -9,11 +9,13 @@ request starting at the first unverified chunk, not at byte zero.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +23,9 @@ from typing import Any
 
 import pytest
 
-from tests.support.daemon import DaemonProcess, make_images, prepare_host
+from organixmd import grubenv
+from organixmd.boot import state_from_env
+from tests.support.daemon import DaemonProcess, make_images, prepare_host, request
 from tests.support.images import make_ext4_image
 from tests.support.nginx import AccessLogEntry, Nginx, start_nginx
 from tests.support.releases import BuiltRelease, build_release
@@ -257,6 +261,50 @@ def test_temporaries_of_killed_writes_are_removed_at_start(tmp_path: Path) -> No
             assert not env_tmp.exists(), env_tmp
             assert all(path.read_text() == "not ours\n" for path in keep)
             assert "removed_temporaries" in daemon.output()
+            assert daemon.stop() == 0
+    finally:
+        host.cleanup()
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+def post_ignoring_the_kill(socket: Path, path: str) -> None:
+    """POST to the daemon that is about to be killed (its answer never comes)."""
+    with contextlib.suppress(OSError):
+        request(socket, "POST", path, b"{}", JSON)
+
+
+def test_mark_bad_killed_between_its_renames_is_completed_at_restart(tmp_path: Path) -> None:
+    """kill -9 of mark-bad on a trial boot after the primary's rename, before the backup's:
+    the restart finishes it (both copies say bad, the release is remembered as failed),
+    and mark-bad run again succeeds."""
+    images = make_images(tmp_path / "images", 2)
+    build_release(images[0], tmp_path / "pub", serial=1)
+    host = prepare_host(
+        tmp_path / "host", f"file://{tmp_path / 'pub' / 'host'}", installed=images[0]
+    )
+    trial = build_release(images[1], tmp_path / "pub", serial=2)
+    try:
+        with DaemonProcess(host).start() as daemon:
+            assert daemon.stop() == 0
+        assert host.reboot().slot == "b"
+        with DaemonProcess(host, prefix=HOLD_RENAMES).start() as daemon:
+            caller = threading.Thread(
+                target=post_ignoring_the_kill, args=(host.socket, "/v1/mark-bad")
+            )
+            caller.start()
+            kill_at_temporary(daemon, host.grubenv.parent, ".grubenv.bak.")
+            caller.join(30)
+        assert state_from_env(grubenv.read(host.grubenv)).b.state == "bad"
+        assert state_from_env(grubenv.read(host.grubenv_backup)).b.state == "trial"
+        with DaemonProcess(host).start() as daemon:
+            assert host.grubenv.read_bytes() == host.grubenv_backup.read_bytes()
+            failed = [f["release"]["uuid"] for f in host.state()["failed"]]
+            assert failed == [str(trial.meta.uuid)]
+            again = request(host.socket, "POST", "/v1/mark-bad", b"{}", JSON)
+            assert again.status == 200, again.body
+            assert len(host.state()["failed"]) == 1
             assert daemon.stop() == 0
     finally:
         host.cleanup()

@@ -369,12 +369,23 @@ class BootControl:
         return self._write(variables, flipped(state, target, tries, booted=self.booted_slot(state)))
 
     def commit(self, booted: Slot) -> BootState:
-        """Trial to good for the slot that booted on trial. Idempotent (no write if good)."""
+        """Trial to good for the slot that booted on trial. Idempotent (no write if good
+        in both copies)."""
         variables, state = self._read_any()
         new = committed(state, booted)
-        if new == state and state.source == "primary":
+        if new == state and state.source == "primary" and self._backup_agrees(state):
             return state
         return self._write(variables, new)
+
+    def _backup_agrees(self, state: BootState) -> bool:
+        """Whether the backup offers GRUB the same slots as ``state`` (GRUB's records of
+        its last boot aside: GRUB saves those to the primary alone). A commit killed
+        between its two renames leaves a backup that still offers the trial."""
+        try:
+            backup = self._read_one(self.backup)[1]
+        except BootError:
+            return False
+        return (backup.order, backup.a, backup.b) == (state.order, state.a, state.b)
 
     def mark_bad(self, slot: Slot) -> BootState:
         """``slot`` bad and last in order."""

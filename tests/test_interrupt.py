@@ -213,7 +213,9 @@ HOLD_RENAMES = (
     "-o",
     "/dev/null",
     "-e",
-    "trace=rename,renameat,renameat2",
+    # set_robust_list and rseq: every new thread makes one of them first, and strace traces
+    # a thread's every syscall until its first seccomp stop; they stop it at once.
+    "trace=rename,renameat,renameat2,set_robust_list,rseq",
     "-e",
     "inject=rename,renameat,renameat2:delay_enter=300000",
 )

@@ -176,6 +176,7 @@ class DaemonProcess:
         DaemonProcess.count += 1
         self.log = host.root / f"organixmd-{DaemonProcess.count}.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self._daemon_pid: int | None = None
 
     def start(
         self, *, ready: bool = True, timeout: float = 60.0, wait: bool = True
@@ -227,7 +228,8 @@ class DaemonProcess:
                     # A probe is a fork of strace: same command line, strace's argv[0].
                     argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
                     if argv[0] == sys.executable.encode() and b"organixmd.cli" in argv:
-                        return int(child)
+                        self._daemon_pid = int(child)
+                        return self._daemon_pid
             time.sleep(0.005)
         raise DaemonFailed(f"{self.prefix[0]} started no daemon within {timeout}s")
 
@@ -293,6 +295,10 @@ class DaemonProcess:
 
     def __exit__(self, *exc: object) -> None:
         if self.process is not None and self.process.poll() is None:
+            if self._daemon_pid is not None:
+                # The daemon first: without its tracer it would go on alone.
+                with contextlib.suppress(OSError):
+                    os.kill(self._daemon_pid, signal.SIGKILL)
             self.process.kill()
             self.process.wait()
 

@@ -234,6 +234,8 @@ class World:
         listener = NotifyListener(path, self.host)
         daemon = DaemonProcess(self.host, env={"NOTIFY_SOCKET": str(path)})
         self.plain, self.listener = daemon, listener
+        # Twice the victims' rate: slow enough to be watched while it writes.
+        self.proxy.rate = self.image_rate * 2
         daemon.start(wait=False)
         daemon.wait_socket(WAIT)
         deadline = time.monotonic() + WAIT
@@ -252,6 +254,7 @@ class World:
                             f"environment lets GRUB boot it: {state}"
                         )
             time.sleep(0.02)
+        self.proxy.rate = self.image_rate
         status: dict[str, Any] = request(self.host.socket, "GET", "/v1/status").json()
         self.assert_coherent(where, status, settled)
         return status
@@ -400,6 +403,8 @@ def kill_install(world: World, moment: str, release: MetaV1, target: str) -> str
             started = started or running
             assert time.monotonic() < deadline, "download did not pass its offset"
             time.sleep(0.01)
+    # Only a checkpoint needs a slow stream; the other moments come before or after it.
+    world.proxy.rate = world.image_rate if moment == "state:checkpoint" else None
     victim = world.victim = world.start_victim()
     pid = victim.daemon_pid()
     if moment == "readback":

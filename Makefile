@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # Debian packages the tests, the demo and the benchmarks use.
 APT_PACKAGES := minisign nginx-light zstd curl e2fsprogs util-linux fdisk gdisk \
 	grub-common grub-pc-bin grub-efi-amd64-bin grub-emu qemu-system-x86 ovmf \
-	dosfstools mtools libsystemd-dev pkg-config gcc nix-bin zsh mmdebstrap
+	dosfstools mtools libsystemd-dev pkg-config gcc nix-bin zsh mmdebstrap strace
 
 .PHONY: help deps venv lint typecheck nix-parse test faults e2e demo bench clean
 

@@ -398,7 +398,7 @@ class BootControl:
         new = committed(state, booted)
         if serial is not None:
             new = raised_floor(new, serial)
-        if new == state and state.source == "primary":
+        if new == state and state.source == "primary" and self._backup_agrees(state):
             return state
         return self._write(variables, new)
 
@@ -408,6 +408,16 @@ class BootControl:
         if serial <= state.floor and state.source == "primary":
             return state
         return self._write(variables, raised_floor(state, serial))
+
+    def _backup_agrees(self, state: BootState) -> bool:
+        """Whether the backup offers GRUB the same slots as ``state`` (GRUB's records of
+        its last boot aside: GRUB saves those to the primary alone). A commit killed
+        between its two renames leaves a backup that still offers the trial."""
+        try:
+            backup = self._read_one(self.backup)[1]
+        except BootError:
+            return False
+        return (backup.order, backup.a, backup.b) == (state.order, state.a, state.b)
 
     def mark_bad(self, slot: Slot) -> BootState:
         """``slot`` bad and last in order."""

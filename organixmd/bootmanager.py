@@ -146,6 +146,8 @@ class BootManager:
                 "cannot save its decisions into a block whose padding is torn); "
                 "rewritten from the primary",
             )
+        if state is not None and booted is not None:
+            state = await self._finish_mark_bad(state, booted)
         self.report = explain(state, booted)
         if state is None or booted is None:
             await self.engine.persist()
@@ -160,6 +162,35 @@ class BootManager:
         await self.engine.persist()
         self.log.info("boot_assessed", reason=self.report.reason, detail=self.report.explanation)
         return self.report
+
+    async def _finish_mark_bad(self, state: BootState, booted: SlotName) -> BootState:
+        """Complete a mark-bad of this trial boot that a crash cut short.
+
+        mark-bad writes the primary copy, then the backup, then the state file. Killed
+        after the first, it left the booted slot bad for GRUB but possibly still on trial
+        in the backup (GRUB's copy when the primary is torn), and its release not
+        remembered as failed (invariant 4). Idempotent: once recorded, nothing is done.
+        """
+        record = self.engine.state.slots.get(booted)
+        if (
+            state.slot(booted).state != "bad"
+            or state.booted != booted
+            or state.reason != "trial"
+            or record is None
+            or self.engine.state.has_failed(record.release) is not None
+        ):
+            return state
+        state = await asyncio.to_thread(self.port.control.mark_bad, booted)
+        failed = await self.engine.record_failed(
+            booted, "marked bad during its trial boot (completed after the daemon restarted)"
+        )
+        self.log.warning(
+            "mark_bad_completed",
+            detail=f"slot {booted} was marked bad in the GRUB environment, but the daemon "
+            "stopped before it recorded the failure; recorded it now",
+            version=failed.release.version if failed else None,
+        )
+        return state
 
     async def _record_fallback(self, booted: SlotName, reason: str) -> None:
         failed_slot = other(booted)
@@ -225,7 +256,9 @@ class BootManager:
         booted = self._require_booted()
         async with self._lock:
             current = await self.read()
-            if current is not None and current.slot(booted).state != "trial" and not force:
+            # Only a committed slot is refused: marking a bad one again is idempotent (it
+            # completes a mark-bad that a crash cut short).
+            if current is not None and current.slot(booted).state == "good" and not force:
                 raise PolicyError(
                     f"slot {booted} is {current.slot(booted).state}, not on trial; "
                     "refusing to mark the running committed system bad",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from organixmd.boot import BootControl, BootState
+from organixmd import grubenv
+from organixmd.boot import BootControl, BootState, state_from_env
+from organixmd.errors import BootError
 from organixmd.slots import SlotName
 
 
@@ -50,5 +52,18 @@ class GrubBootPort:
         self.control.flip(target, tries)
 
     def invalidate(self, target: SlotName) -> None:
-        if self.control.read().slot(target).state != "bad":
+        # Both copies count: a write killed between the primary's rename and the backup's
+        # leaves the backup calling ``target`` bootable, and GRUB reads the backup whenever
+        # the primary is torn. Either one not saying bad means both are written again.
+        if any(state.slot(target).state != "bad" for state in self._copies()):
             self.control.mark_bad(target)
+
+    def _copies(self) -> list[BootState]:
+        """The states of the copies GRUB could read (a torn or missing copy is skipped)."""
+        states = []
+        for path in (self.control.primary, self.control.backup):
+            try:
+                states.append(state_from_env(grubenv.read(path), source=str(path)))
+            except BootError:
+                continue
+        return states or [self.control.read()]

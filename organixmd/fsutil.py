@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
+
+#: What :func:`tempfile.mkstemp` puts after the prefix: eight of ``[a-z0-9_]``.
+_RANDOM = "[a-z0-9_]{8}"
 
 
 def fsync_dir(path: Path) -> None:
@@ -23,7 +27,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     A power cut leaves the old or the new content, never a torn file. Raises
     OSError (callers convert it into their own error). Blocking.
     """
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, temporary = tempfile.mkstemp(prefix=_prefix(path), dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -36,3 +40,29 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
             os.unlink(temporary)
         raise
     fsync_dir(path.parent)
+
+
+def _prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def remove_temporaries(path: Path) -> list[Path]:
+    """Remove the temporary files a killed :func:`write_atomic` of ``path`` left beside it.
+
+    Only files named as ``write_atomic`` names them (``.<name>.`` and eight random
+    characters) are removed. Call it only while holding the lock of every writer of
+    ``path``: a live writer's temporary must not vanish. A missing directory is
+    nothing to clean. Returns what was removed; raises OSError. Blocking.
+    """
+    pattern = re.compile(re.escape(_prefix(path)) + _RANDOM)
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed

@@ -247,6 +247,19 @@ def test_commit_of_good_slot_does_not_write(control: BootControl) -> None:
     assert control.primary.stat().st_ino == inode
 
 
+def test_commit_cut_between_its_renames_is_completed(control: BootControl) -> None:
+    """A commit killed after the primary's rename left the backup on trial (GRUB's copy when
+    the primary is torn): committing again writes the backup too."""
+    control.flip("b", 3)
+    trial = boot.predict_boot(control.read(), {"a": True, "b": True}).after
+    grubenv.write_block(
+        control.primary, grubenv.render(boot.env_from_state(boot.committed(trial, "b")))
+    )
+    grubenv.write_block(control.backup, grubenv.render(boot.env_from_state(trial)))
+    assert control.commit("b").b == SlotBoot("good")
+    assert grubenv.read(control.backup) == grubenv.read(control.primary)
+
+
 def test_read_falls_back_to_backup_when_primary_is_torn(control: BootControl) -> None:
     """A torn primary is reported and the backup's state is used."""
     with open(control.primary, "r+b") as handle:

@@ -357,6 +357,37 @@ async def test_target_marked_bad_while_written_then_flipped(tmp_path: Path, root
     assert (after.order, after.b.state, after.b.tries_left) == (("b", "a"), "trial", 3)
 
 
+async def test_invalidation_cut_between_its_renames_is_redone_before_the_write(
+    tmp_path: Path, rootfs: Path
+) -> None:
+    """Killed between the primary's rename and the backup's, an invalidation left the backup
+    calling slot b bootable; the next install marks b bad in both copies before writing it."""
+    from organixmd import grubenv
+    from organixmd.boot import BootControl, state_from_env
+    from organixmd.bootport import GrubBootPort
+
+    host = Host(tmp_path)
+    primary, backup = tmp_path / "grubenv", tmp_path / "grubenv.bak"
+    control = BootControl(primary, backup)
+    control.initialize("a")
+    # What the cut leaves: the primary already says b bad, the backup still b good.
+    variables = grubenv.updated(grubenv.read(backup), {"organixm_b_state": "good"})
+    grubenv.write_block(backup, grubenv.render(variables))
+    release = build_release(rootfs, tmp_path / "pub", chunk_size=256 * 1024)
+    engine = host.engine(release.url, slow=0.002)
+    engine.boot = GrubBootPort(primary, backup, "a")
+    task = asyncio.create_task(engine.check())
+    seen: set[tuple[str, str]] = set()
+    while not task.done():
+        await asyncio.sleep(0.01)
+        if engine.phase.value == "downloading":
+            for path in (primary, backup):
+                seen.add((path.name, state_from_env(grubenv.read(path)).b.state))
+    verdict = await task
+    assert verdict.code == "staged", verdict.message
+    assert seen == {("grubenv", "bad"), ("grubenv.bak", "bad")}
+
+
 async def test_readback_catches_what_the_device_lost(tmp_path: Path, rootfs: Path) -> None:
     """Data that differs on the device after the stream (a lost write) fails the read-back."""
     release = build_release(rootfs, tmp_path / "pub")

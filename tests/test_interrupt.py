@@ -1,4 +1,5 @@
-"""Interrupted installs resume: a killed client, ``kill -9`` at random points, a server gone.
+"""Interrupted installs resume: a killed client, ``kill -9`` at random points, a server gone;
+a write killed before its rename leaves nothing behind once the daemon starts again.
 
 Every case uses a real ``organixmd --once`` process and a real nginx whose
 ``limit_rate`` makes the download take a few seconds, so the interruption lands
@@ -8,10 +9,13 @@ request starting at the first unverified chunk, not at byte zero.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import re
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +23,9 @@ from typing import Any
 
 import pytest
 
+from organixmd import grubenv
+from organixmd.boot import state_from_env
+from tests.support.daemon import DaemonProcess, make_images, prepare_host, request
 from tests.support.images import make_ext4_image
 from tests.support.nginx import AccessLogEntry, Nginx, start_nginx
 from tests.support.releases import BuiltRelease, build_release
@@ -194,3 +201,112 @@ def test_server_gone_mid_stream_then_resume(tmp_path: Path, release: BuiltReleas
         assert last.range_start == release.meta.image.chunks[done].offset
     finally:
         server.stop()
+
+
+#: The daemon under strace: every rename waits before it enters the kernel, so the
+#: temporary file of each atomic write stands whole beside its target meanwhile.
+HOLD_RENAMES = (
+    "strace",
+    "-f",
+    "--seccomp-bpf",
+    "-qq",
+    "-o",
+    "/dev/null",
+    "-e",
+    # set_robust_list and rseq: every new thread makes one of them first, and strace traces
+    # a thread's every syscall until its first seccomp stop; they stop it at once.
+    "trace=rename,renameat,renameat2,set_robust_list,rseq",
+    "-e",
+    "inject=rename,renameat,renameat2:delay_enter=300000",
+)
+
+
+#: What :func:`tempfile.mkstemp` adds to the prefix ``.<target name>.``.
+TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}$")
+
+
+def kill_at_temporary(daemon: DaemonProcess, directory: Path, prefix: str) -> Path:
+    """Wait for a temporary ``prefixXXXXXXXX`` file in ``directory``, SIGKILL the daemon."""
+    pid = daemon.daemon_pid()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        found = sorted(p for p in directory.glob(f"{prefix}*") if TEMPORARY.match(p.name))
+        if found:
+            daemon.kill9(pid)
+            return found[0]
+        time.sleep(0.005)
+    raise AssertionError(f"no {prefix}* in {directory} within 60 s")
+
+
+def test_temporaries_of_killed_writes_are_removed_at_start(tmp_path: Path) -> None:
+    """kill -9 while a state write and then a GRUB environment write wait for their rename:
+    the next start removes both temporary files (and nothing else beside them)."""
+    images = make_images(tmp_path / "images", 2)
+    first = build_release(images[0], tmp_path / "pub", serial=1)
+    host = prepare_host(tmp_path / "host", first.url, installed=images[0])
+    keep = [host.state_dir / ".state.json.notes", host.grubenv.parent / ".grubenv.x"]
+    try:
+        host.state_dir.mkdir()
+        for path in keep:
+            path.write_text("not ours\n")
+        # The first state write of the start (the boot assessment's).
+        with DaemonProcess(host, prefix=HOLD_RENAMES).start(wait=False) as daemon:
+            state_tmp = kill_at_temporary(daemon, host.state_dir, ".state.json.")
+        assert state_tmp.exists()
+        # A newer release: its flip writes the GRUB environment.
+        build_release(images[1], tmp_path / "pub", serial=2)
+        with DaemonProcess(host, prefix=HOLD_RENAMES).start(wait=False) as daemon:
+            env_tmp = kill_at_temporary(daemon, host.grubenv.parent, ".grubenv.")
+        assert env_tmp.exists()
+        with DaemonProcess(host).start() as daemon:
+            assert not state_tmp.exists(), state_tmp
+            assert not env_tmp.exists(), env_tmp
+            assert all(path.read_text() == "not ours\n" for path in keep)
+            assert "removed_temporaries" in daemon.output()
+            assert daemon.stop() == 0
+    finally:
+        host.cleanup()
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+def post_ignoring_the_kill(socket: Path, path: str) -> None:
+    """POST to the daemon that is about to be killed (its answer never comes)."""
+    with contextlib.suppress(OSError):
+        request(socket, "POST", path, b"{}", JSON)
+
+
+def test_mark_bad_killed_between_its_renames_is_completed_at_restart(tmp_path: Path) -> None:
+    """kill -9 of mark-bad on a trial boot after the primary's rename, before the backup's:
+    the restart finishes it (both copies say bad, the release is remembered as failed),
+    and mark-bad run again succeeds."""
+    images = make_images(tmp_path / "images", 2)
+    build_release(images[0], tmp_path / "pub", serial=1)
+    host = prepare_host(
+        tmp_path / "host", f"file://{tmp_path / 'pub' / 'host'}", installed=images[0]
+    )
+    trial = build_release(images[1], tmp_path / "pub", serial=2)
+    try:
+        with DaemonProcess(host).start() as daemon:
+            assert daemon.stop() == 0
+        assert host.reboot().slot == "b"
+        with DaemonProcess(host, prefix=HOLD_RENAMES).start() as daemon:
+            caller = threading.Thread(
+                target=post_ignoring_the_kill, args=(host.socket, "/v1/mark-bad")
+            )
+            caller.start()
+            kill_at_temporary(daemon, host.grubenv.parent, ".grubenv.bak.")
+            caller.join(30)
+        assert state_from_env(grubenv.read(host.grubenv)).b.state == "bad"
+        assert state_from_env(grubenv.read(host.grubenv_backup)).b.state == "trial"
+        with DaemonProcess(host).start() as daemon:
+            assert host.grubenv.read_bytes() == host.grubenv_backup.read_bytes()
+            failed = [f["release"]["uuid"] for f in host.state()["failed"]]
+            assert failed == [str(trial.meta.uuid)]
+            again = request(host.socket, "POST", "/v1/mark-bad", b"{}", JSON)
+            assert again.status == 200, again.body
+            assert len(host.state()["failed"]) == 1
+            assert daemon.stop() == 0
+    finally:
+        host.cleanup()

@@ -16,6 +16,7 @@ The socket lives in a short directory under /tmp that every user may traverse
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.client
 import json
@@ -174,33 +175,78 @@ class DaemonProcess:
 
     count = 0
 
-    def __init__(self, host: Host, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, host: Host, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
+    ) -> None:
         self.host = host
         self.env = env
+        #: A command the daemon runs under (``strace ...``); its first child is the daemon.
+        self.prefix = prefix
         DaemonProcess.count += 1
         self.log = host.root / f"organixmd-{DaemonProcess.count}.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self._daemon_pid: int | None = None
 
-    def start(self, *, ready: bool = True, timeout: float = 60.0) -> DaemonProcess:
+    def start(
+        self, *, ready: bool = True, timeout: float = 60.0, wait: bool = True
+    ) -> DaemonProcess:
+        """Start the daemon; wait for its socket (and READY, unless ``ready=False``).
+
+        ``wait=False`` returns at once, for tests that kill it before it listens.
+        """
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
         env.update(self.env or {})
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "organixmd.cli", "--config", str(self.host.config)],
+                [
+                    *self.prefix,
+                    sys.executable,
+                    "-m",
+                    "organixmd.cli",
+                    "--config",
+                    str(self.host.config),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
                 env=env,
             )
-        self.wait_socket(timeout)
-        if ready:
+        if wait:
+            self.wait_socket(timeout)
+        if wait and ready:
             self.wait_ready(timeout)
         return self
 
     @property
     def pid(self) -> int:
+        """The pid of the process started (the prefix's, when there is one)."""
         assert self.process is not None
         return self.process.pid
+
+    def daemon_pid(self, timeout: float = 30.0) -> int:
+        """The daemon's own pid: :attr:`pid`, or the prefix command's child running it
+        (strace forks probes of its own before it starts the command)."""
+        if not self.prefix:
+            return self.pid
+        children = Path(f"/proc/{self.pid}/task/{self.pid}/children")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            for child in children.read_text().split():
+                with contextlib.suppress(OSError):
+                    # A probe is a fork of strace: same command line, strace's argv[0].
+                    argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+                    if argv[0] == sys.executable.encode() and b"organixmd.cli" in argv:
+                        self._daemon_pid = int(child)
+                        return self._daemon_pid
+            time.sleep(0.005)
+        raise DaemonFailed(f"{self.prefix[0]} started no daemon within {timeout}s")
+
+    def kill9(self, daemon_pid: int | None = None) -> None:
+        """SIGKILL the daemon (not its prefix) and wait until the whole command is gone."""
+        assert self.process is not None
+        os.kill(daemon_pid or self.daemon_pid(), signal.SIGKILL)
+        self.process.wait(30)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -258,6 +304,10 @@ class DaemonProcess:
 
     def __exit__(self, *exc: object) -> None:
         if self.process is not None and self.process.poll() is None:
+            if self._daemon_pid is not None:
+                # The daemon first: without its tracer it would go on alone.
+                with contextlib.suppress(OSError):
+                    os.kill(self._daemon_pid, signal.SIGKILL)
             self.process.kill()
             self.process.wait()
 

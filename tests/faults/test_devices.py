@@ -29,6 +29,7 @@ import os
 import shutil
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -72,8 +73,17 @@ def run(*command: str) -> str:
     return done.stdout.strip()
 
 
+def is_mount_point(path: Path) -> bool:
+    """Whether something is mounted at ``path`` (a bind mount onto itself included,
+    which :func:`os.path.ismount` does not see)."""
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as mountinfo:
+        return any(line.split()[4] == target for line in mountinfo)
+
+
 def unmount(path: Path) -> None:
-    if os.path.ismount(path):
+    """Unmount everything mounted at ``path`` (mounts may be stacked)."""
+    while is_mount_point(path):
         run("umount", str(path))
 
 
@@ -125,19 +135,19 @@ def sparse(path: Path, size: int = SLOT_SIZE) -> Path:
 def fill(directory: Path, name: str = "filler") -> Path:
     """Write zeros into ``directory`` until its file system is full."""
     filler = directory / name
-    block = bytes(64 * 1024)
-    with open(filler, "wb") as handle:
-        try:
-            while True:
-                handle.write(block)
-                handle.flush()
-        except OSError as exc:
-            assert exc.errno == 28, exc  # ENOSPC
-    # What a page short of the end left: fill it byte-wise too.
-    with open(filler, "ab") as handle, contextlib.suppress(OSError):
-        while True:
-            handle.write(b"\0" * 512)
-            handle.flush()
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        # Big writes, then smaller ones for what a big one no longer fits in.
+        for size in (1024 * 1024, 4096, 1):
+            block = bytes(size)
+            with contextlib.suppress(OSError):
+                while os.write(fd, block):
+                    pass
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if free_bytes(directory) != 0:
+        raise AssertionError(f"{directory}: {free_bytes(directory)} bytes still free")
     return filler
 
 
@@ -220,8 +230,8 @@ class Fault:
     code: str
     #: Words the verdict's message must hold (the slot or file, and the cause).
     says: tuple[str, ...]
-    apply: Callable[[], None]
-    lift: Callable[[], None]
+    apply: Callable[[], object]
+    lift: Callable[[], object]
     #: Extra checks while the fault holds (problems, empty when fine).
     holds: Callable[[dict[str, Any]], list[str]] = lambda verdict: []
 
@@ -439,4 +449,209 @@ def test_slot_file_system_fills_up(faults: FaultReport, releases: Releases, tmp_
             root = tmp_path / f"host-{index}"
             with running(root, fleet, releases, daemons, slot_b=slot) as host:
                 problems += drive(row, host, fleet, releases, [fault])
+    finish(row, daemons, problems, started)
+
+
+def test_state_directory_full(faults: FaultReport, releases: Releases, tmp_path: Path) -> None:
+    """The state directory on a tmpfs filled up: the check ends in a clear error, the old
+    state file is intact, the daemon answers status; the filler deleted, it installs."""
+    row = faults.add(Row(fault="device: the state directory's file system is full"))
+    started = time.perf_counter()
+    fleet = Fleet(tmp_path / "fleet", releases)
+    daemons: list[DaemonProcess] = []
+    with tmpfs(tmp_path / "statefs", "4m") as statefs:
+        state = statefs / "state"
+        before: list[bytes] = []
+
+        def fill_up() -> None:
+            before.append((state / "state.json").read_bytes())
+            fill(statefs)
+
+        def intact(verdict: dict[str, Any]) -> list[str]:
+            now = (state / "state.json").read_bytes()
+            left = [p.name for p in state.iterdir() if p.name not in ("state.json", "lock")]
+            return (["the state file changed or was lost"] if now != before[-1] else []) + (
+                [f"temporary files left in the state directory: {left}"] if left else []
+            )
+
+        fault = Fault(
+            name="state directory on a full 4 MiB tmpfs",
+            code="state-error",
+            says=(str(state / "state.json"), "No space left on device"),
+            apply=fill_up,
+            lift=lambda: (statefs / "filler").unlink(),
+            holds=intact,
+        )
+        with running(tmp_path / "host", fleet, releases, daemons, state_dir=state) as host:
+            problems = drive(row, host, fleet, releases, [fault])
+    finish(row, daemons, problems, started)
+
+
+def test_slot_not_writable(faults: FaultReport, releases: Releases, tmp_path: Path) -> None:
+    """Slot b an immutable file on ext4 (chattr +i), then a read-only loop device
+    (losetup -r): a clear verdict, no flip; chattr -i / attached read-write, it installs."""
+    row = faults.add(Row(fault="device: immutable slot file, read-only loop device"))
+    started = time.perf_counter()
+    fleet = Fleet(tmp_path / "fleet", releases)
+    daemons: list[DaemonProcess] = []
+    problems: list[str] = []
+    with ext4(tmp_path / "disk", tmp_path / "disk.ext4", 64 * MIB) as disk:
+        slot = sparse(disk / "slot-b.img")
+        try:
+            fault = Fault(
+                name="slot b a file with chattr +i",
+                code="slot-unusable",
+                says=(str(slot), "Operation not permitted"),
+                apply=lambda: run("chattr", "+i", str(slot)),
+                lift=lambda: run("chattr", "-i", str(slot)),
+                holds=nothing_written(slot),
+            )
+            with running(tmp_path / "immutable", fleet, releases, daemons, slot_b=slot) as host:
+                problems += drive(row, host, fleet, releases, [fault])
+        finally:
+            run("chattr", "-i", str(slot))
+    backing = sparse(tmp_path / "loop-b.img")
+    link = tmp_path / "slot-b-device"
+    with loop_device(backing, read_only=True) as device:
+        link.symlink_to(device[0])
+
+        def read_write() -> None:
+            run("losetup", "-d", device[0])
+            device[0] = run("losetup", "-f", "--show", str(backing))
+            link.unlink()
+            link.symlink_to(device[0])
+
+        fault = Fault(
+            name="slot b a read-only loop device",
+            code="slot-unusable",
+            says=(str(link), "Operation not permitted"),
+            apply=lambda: None,
+            lift=read_write,
+            holds=nothing_written(backing),
+        )
+        with running(tmp_path / "read-only", fleet, releases, daemons, slot_b=link) as host:
+            problems += drive(row, host, fleet, releases, [fault])
+    finish(row, daemons, problems, started)
+
+
+def shut_down(mountpoint: Path) -> None:
+    """EXT4_IOC_SHUTDOWN: from now on every I/O to the file system fails with EIO."""
+    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.ioctl(fd, EXT4_IOC_SHUTDOWN, struct.pack("I", EXT4_GOING_FLAGS_NOLOGFLUSH))
+    finally:
+        os.close(fd)
+
+
+def test_slot_io_errors(faults: FaultReport, releases: Releases, tmp_path: Path) -> None:
+    """Slot b a loop device whose writes fail for real: its sparse backing file on a
+    12 MiB tmpfs (the device answers ENOSPC past what the tmpfs holds), then on an ext4
+    shut down with EXT4_IOC_SHUTDOWN (every write answers EIO). A clear verdict, no
+    flip; with the tmpfs grown, or the ext4 mounted again, the next update installs."""
+    row = faults.add(Row(fault="device: I/O errors on a loop-device slot"))
+    started = time.perf_counter()
+    fleet = Fleet(tmp_path / "fleet", releases)
+    daemons: list[DaemonProcess] = []
+    problems: list[str] = []
+    link = tmp_path / "slot-b-device"
+    with tmpfs(tmp_path / "small", "12m") as small:
+        backing = sparse(small / "loop-b.img")
+        with loop_device(backing) as device:
+            link.symlink_to(device[0])
+            fault = Fault(
+                name="slot b a loop device over a 12 MiB tmpfs",
+                code="slot-unusable",
+                says=(str(link), "No space left on device"),
+                apply=lambda: None,
+                lift=lambda: run("mount", "-o", "remount,size=96m", str(small)),
+            )
+            with running(tmp_path / "nospace", fleet, releases, daemons, slot_b=link) as host:
+                problems += drive(row, host, fleet, releases, [fault])
+    link.unlink()
+    image = tmp_path / "disk.ext4"
+    with ext4(tmp_path / "disk", image, 64 * MIB) as disk:
+        backing = sparse(disk / "loop-b.img")
+        with loop_device(backing) as device:
+            link.symlink_to(device[0])
+
+            def mount_again() -> None:
+                run("losetup", "-d", device[0])
+                run("umount", str(disk))
+                mount_ext4(image, disk)
+                device[0] = run("losetup", "-f", "--show", str(backing))
+                link.unlink()
+                link.symlink_to(device[0])
+
+            fault = Fault(
+                name="slot b a loop device over a shut-down ext4",
+                code="slot-unusable",
+                says=(str(link), "Input/output error"),
+                apply=lambda: shut_down(disk),
+                lift=mount_again,
+            )
+            with running(tmp_path / "eio", fleet, releases, daemons, slot_b=link) as host:
+                problems += drive(row, host, fleet, releases, [fault])
+    finish(row, daemons, problems, started)
+
+
+def test_grubenv_read_only_at_flip(faults: FaultReport, releases: Releases, tmp_path: Path) -> None:
+    """The GRUB environment's directory bind-mounted read-only while the image downloads
+    (nginx at a limited rate): the flip fails with a verdict, the state does not claim
+    slot b staged and GRUB still boots slot a; made writable, the next update flips."""
+    row = faults.add(Row(fault="device: GRUB env directory read-only at flip time"))
+    started = time.perf_counter()
+    serve = tmp_path / "serve"
+    fleet = Fleet(serve / "fleet", releases)
+    # About 2.5 s for the 7.5 MB image: time to make the env read-only mid-download.
+    server = start_nginx(serve, tmp_path / "nginx", limit_rate="3m")
+    daemons: list[DaemonProcess] = []
+    try:
+        url = f"{server.url}/fleet/host"
+        with running(tmp_path / "host", fleet, releases, daemons, url=url) as host:
+            boot = host.grubenv.parent
+            when: list[str] = []
+
+            def read_only_once_downloading() -> None:
+                deadline = time.monotonic() + CHECK_LIMIT
+                while time.monotonic() < deadline:
+                    phase = request(host.socket, "GET", "/v1/status").json()["phase"]
+                    if phase == "downloading":
+                        run("mount", "--bind", str(boot), str(boot))
+                        run("mount", "-o", "remount,bind,ro", str(boot))
+                        when.append(phase)
+                        return
+                    time.sleep(0.02)
+
+            watcher = threading.Thread(target=read_only_once_downloading)
+
+            def holds(verdict: dict[str, Any]) -> list[str]:
+                problems = [] if when else ["the env was not made read-only mid-download"]
+                record = host.state().get("slots", {}).get("b")
+                if record is not None and record["status"] == "staged":
+                    problems.append(f"the state claims slot b staged: {record}")
+                decision = predict_boot(host.boot_state(), {"a": True, "b": True})
+                if decision.slot != "a":
+                    problems.append(f"GRUB would boot slot {decision.slot}, not a: {decision}")
+                return problems
+
+            def writable() -> None:
+                watcher.join()
+                unmount(boot)
+
+            fault = Fault(
+                name="GRUB env directory bind-mounted read-only mid-download",
+                code="boot-control-error",
+                says=(str(host.grubenv), "Read-only file system"),
+                apply=watcher.start,
+                lift=writable,
+                holds=holds,
+            )
+            try:
+                problems = drive(row, host, fleet, releases, [fault])
+            finally:
+                if watcher.is_alive():
+                    watcher.join()
+                unmount(boot)
+    finally:
+        server.stop()
     finish(row, daemons, problems, started)

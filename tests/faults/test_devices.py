@@ -433,14 +433,14 @@ def test_slot_file_system_fills_up(faults: FaultReport, releases: Releases, tmp_
             Fault(
                 name="slot b a sparse file on a 12 MiB tmpfs",
                 code="slot-unusable",
-                says=(str(on_tmpfs), "No space left on device"),
+                says=(str(on_tmpfs), "No space left on device", "free space"),
                 apply=lambda: None,
                 lift=lambda: run("mount", "-o", "remount,size=96m", str(small)),
             ),
             Fault(
                 name="slot b a sparse file on an ext4 with 12 MiB free",
                 code="slot-unusable",
-                says=(str(on_ext4), "No space left on device"),
+                says=(str(on_ext4), "No space left on device", "free space"),
                 apply=leave_12_mib,
                 lift=lambda: (disk / "filler").unlink(),
             ),
@@ -477,7 +477,7 @@ def test_state_directory_full(faults: FaultReport, releases: Releases, tmp_path:
         fault = Fault(
             name="state directory on a full 4 MiB tmpfs",
             code="state-error",
-            says=(str(state / "state.json"), "No space left on device"),
+            says=(str(state / "state.json"), "No space left on device", "free space"),
             apply=fill_up,
             lift=lambda: (statefs / "filler").unlink(),
             holds=intact,
@@ -501,7 +501,7 @@ def test_slot_not_writable(faults: FaultReport, releases: Releases, tmp_path: Pa
             fault = Fault(
                 name="slot b a file with chattr +i",
                 code="slot-unusable",
-                says=(str(slot), "Operation not permitted"),
+                says=(str(slot), "Operation not permitted", "chattr -i"),
                 apply=lambda: run("chattr", "+i", str(slot)),
                 lift=lambda: run("chattr", "-i", str(slot)),
                 holds=nothing_written(slot),
@@ -524,7 +524,7 @@ def test_slot_not_writable(faults: FaultReport, releases: Releases, tmp_path: Pa
         fault = Fault(
             name="slot b a read-only loop device",
             code="slot-unusable",
-            says=(str(link), "Operation not permitted"),
+            says=(str(link), "Operation not permitted", "losetup -r"),
             apply=lambda: None,
             lift=read_write,
             holds=nothing_written(backing),
@@ -561,7 +561,7 @@ def test_slot_io_errors(faults: FaultReport, releases: Releases, tmp_path: Path)
             fault = Fault(
                 name="slot b a loop device over a 12 MiB tmpfs",
                 code="slot-unusable",
-                says=(str(link), "No space left on device"),
+                says=(str(link), "No space left on device", "free space"),
                 apply=lambda: None,
                 lift=lambda: run("mount", "-o", "remount,size=96m", str(small)),
             )
@@ -585,7 +585,7 @@ def test_slot_io_errors(faults: FaultReport, releases: Releases, tmp_path: Path)
             fault = Fault(
                 name="slot b a loop device over a shut-down ext4",
                 code="slot-unusable",
-                says=(str(link), "Input/output error"),
+                says=(str(link), "Input/output error", "dmesg"),
                 apply=lambda: shut_down(disk),
                 lift=mount_again,
             )

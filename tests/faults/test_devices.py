@@ -452,20 +452,65 @@ def test_slot_file_system_fills_up(faults: FaultReport, releases: Releases, tmp_
     finish(row, daemons, problems, started)
 
 
+class WhenDownloading:
+    """Runs ``action`` in a thread once the daemon's status says ``downloading``."""
+
+    def __init__(self, host: Host, action: Callable[[], object]) -> None:
+        self.host = host
+        self.action = action
+        self.done = False
+        self.thread = threading.Thread(target=self._watch)
+
+    def _watch(self) -> None:
+        deadline = time.monotonic() + CHECK_LIMIT
+        while time.monotonic() < deadline:
+            phase = request(self.host.socket, "GET", "/v1/status").json()["phase"]
+            if phase == "downloading":
+                self.action()
+                self.done = True
+                return
+            time.sleep(0.02)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def join(self) -> None:
+        if self.thread.is_alive() or self.thread.ident is not None:
+            self.thread.join()
+
+
+@contextlib.contextmanager
+def slow_nginx(tmp_path: Path, releases: Releases) -> Iterator[tuple[Fleet, str]]:
+    """A fleet served by nginx at 3 MB/s per connection: the 7.5 MB image takes about
+    2.5 s, time to break something mid-download."""
+    serve = tmp_path / "serve"
+    fleet = Fleet(serve / "fleet", releases)
+    server = start_nginx(serve, tmp_path / "nginx", limit_rate="3m")
+    try:
+        yield fleet, f"{server.url}/fleet/host"
+    finally:
+        server.stop()
+
+
 def test_state_directory_full(faults: FaultReport, releases: Releases, tmp_path: Path) -> None:
-    """The state directory on a tmpfs filled up: the check ends in a clear error, the old
-    state file is intact, the daemon answers status; the filler deleted, it installs."""
+    """The state directory on a tmpfs filled up before a check, then while the image
+    downloads (its checkpoint cannot be written): the check ends in a state-error
+    verdict, the old state file is intact, the daemon answers status; the filler
+    deleted, the next update installs."""
     row = faults.add(Row(fault="device: the state directory's file system is full"))
     started = time.perf_counter()
-    fleet = Fleet(tmp_path / "fleet", releases)
     daemons: list[DaemonProcess] = []
-    with tmpfs(tmp_path / "statefs", "4m") as statefs:
+    with (
+        slow_nginx(tmp_path, releases) as (fleet, url),
+        tmpfs(tmp_path / "statefs", "4m") as statefs,
+    ):
         state = statefs / "state"
         before: list[bytes] = []
 
         def fill_up() -> None:
-            before.append((state / "state.json").read_bytes())
             fill(statefs)
+            # The last state file that could be written: it must survive unchanged.
+            before.append((state / "state.json").read_bytes())
 
         def intact(verdict: dict[str, Any]) -> list[str]:
             now = (state / "state.json").read_bytes()
@@ -474,16 +519,40 @@ def test_state_directory_full(faults: FaultReport, releases: Releases, tmp_path:
                 [f"temporary files left in the state directory: {left}"] if left else []
             )
 
-        fault = Fault(
-            name="state directory on a full 4 MiB tmpfs",
-            code="state-error",
-            says=(str(state / "state.json"), "No space left on device", "free space"),
-            apply=fill_up,
-            lift=lambda: (statefs / "filler").unlink(),
-            holds=intact,
-        )
-        with running(tmp_path / "host", fleet, releases, daemons, state_dir=state) as host:
-            problems = drive(row, host, fleet, releases, [fault])
+        with running(tmp_path / "host", fleet, releases, daemons, state_dir=state, url=url) as host:
+            later = WhenDownloading(host, fill_up)
+
+            def checkpoint_failed(verdict: dict[str, Any]) -> list[str]:
+                problems = intact(verdict)
+                return problems + ([] if later.done else ["the tmpfs did not fill mid-download"])
+
+            def free() -> None:
+                later.join()
+                (statefs / "filler").unlink()
+
+            says = (str(state / "state.json"), "No space left on device", "free space")
+            tries = [
+                Fault(
+                    name="state directory on a full 4 MiB tmpfs",
+                    code="state-error",
+                    says=says,
+                    apply=fill_up,
+                    lift=lambda: (statefs / "filler").unlink(),
+                    holds=intact,
+                ),
+                Fault(
+                    name="state directory's tmpfs fills up mid-download (checkpoint)",
+                    code="state-error",
+                    says=says,
+                    apply=later.start,
+                    lift=free,
+                    holds=checkpoint_failed,
+                ),
+            ]
+            try:
+                problems = drive(row, host, fleet, releases, tries)
+            finally:
+                later.join()
     finish(row, daemons, problems, started)
 
 
@@ -595,63 +664,49 @@ def test_slot_io_errors(faults: FaultReport, releases: Releases, tmp_path: Path)
 
 
 def test_grubenv_read_only_at_flip(faults: FaultReport, releases: Releases, tmp_path: Path) -> None:
-    """The GRUB environment's directory bind-mounted read-only while the image downloads
-    (nginx at a limited rate): the flip fails with a verdict, the state does not claim
-    slot b staged and GRUB still boots slot a; made writable, the next update flips."""
+    """The GRUB environment's directory bind-mounted read-only while the image downloads:
+    the flip fails with a verdict, the state does not claim slot b staged and GRUB still
+    boots slot a; made writable, the next update verifies slot b again and flips."""
     row = faults.add(Row(fault="device: GRUB env directory read-only at flip time"))
     started = time.perf_counter()
-    serve = tmp_path / "serve"
-    fleet = Fleet(serve / "fleet", releases)
-    # About 2.5 s for the 7.5 MB image: time to make the env read-only mid-download.
-    server = start_nginx(serve, tmp_path / "nginx", limit_rate="3m")
     daemons: list[DaemonProcess] = []
-    try:
-        url = f"{server.url}/fleet/host"
-        with running(tmp_path / "host", fleet, releases, daemons, url=url) as host:
-            boot = host.grubenv.parent
-            when: list[str] = []
+    with (
+        slow_nginx(tmp_path, releases) as (fleet, url),
+        running(tmp_path / "host", fleet, releases, daemons, url=url) as host,
+    ):
+        boot = host.grubenv.parent
 
-            def read_only_once_downloading() -> None:
-                deadline = time.monotonic() + CHECK_LIMIT
-                while time.monotonic() < deadline:
-                    phase = request(host.socket, "GET", "/v1/status").json()["phase"]
-                    if phase == "downloading":
-                        run("mount", "--bind", str(boot), str(boot))
-                        run("mount", "-o", "remount,bind,ro", str(boot))
-                        when.append(phase)
-                        return
-                    time.sleep(0.02)
+        def read_only() -> None:
+            run("mount", "--bind", str(boot), str(boot))
+            run("mount", "-o", "remount,bind,ro", str(boot))
 
-            watcher = threading.Thread(target=read_only_once_downloading)
+        watcher = WhenDownloading(host, read_only)
 
-            def holds(verdict: dict[str, Any]) -> list[str]:
-                problems = [] if when else ["the env was not made read-only mid-download"]
-                record = host.state().get("slots", {}).get("b")
-                if record is not None and record["status"] == "staged":
-                    problems.append(f"the state claims slot b staged: {record}")
-                decision = predict_boot(host.boot_state(), {"a": True, "b": True})
-                if decision.slot != "a":
-                    problems.append(f"GRUB would boot slot {decision.slot}, not a: {decision}")
-                return problems
+        def holds(verdict: dict[str, Any]) -> list[str]:
+            problems = [] if watcher.done else ["the env was not made read-only mid-download"]
+            record = host.state().get("slots", {}).get("b")
+            if record is not None and record["status"] == "staged":
+                problems.append(f"the state claims slot b staged: {record}")
+            decision = predict_boot(host.boot_state(), {"a": True, "b": True})
+            if decision.slot != "a":
+                problems.append(f"GRUB would boot slot {decision.slot}, not a: {decision}")
+            return problems
 
-            def writable() -> None:
-                watcher.join()
-                unmount(boot)
+        def writable() -> None:
+            watcher.join()
+            unmount(boot)
 
-            fault = Fault(
-                name="GRUB env directory bind-mounted read-only mid-download",
-                code="boot-control-error",
-                says=(str(host.grubenv), "Read-only file system"),
-                apply=watcher.start,
-                lift=writable,
-                holds=holds,
-            )
-            try:
-                problems = drive(row, host, fleet, releases, [fault])
-            finally:
-                if watcher.is_alive():
-                    watcher.join()
-                unmount(boot)
-    finally:
-        server.stop()
+        fault = Fault(
+            name="GRUB env directory bind-mounted read-only mid-download",
+            code="boot-control-error",
+            says=(str(host.grubenv), "Read-only file system"),
+            apply=watcher.start,
+            lift=writable,
+            holds=holds,
+        )
+        try:
+            problems = drive(row, host, fleet, releases, [fault])
+        finally:
+            watcher.join()
+            unmount(boot)
     finish(row, daemons, problems, started)

@@ -557,14 +557,15 @@ def test_state_directory_full(faults: FaultReport, releases: Releases, tmp_path:
 
 
 def test_slot_not_writable(faults: FaultReport, releases: Releases, tmp_path: Path) -> None:
-    """Slot b an immutable file on ext4 (chattr +i), then a read-only loop device
-    (losetup -r): a clear verdict, no flip; chattr -i / attached read-write, it installs."""
-    row = faults.add(Row(fault="device: immutable slot file, read-only loop device"))
+    """Slot b an immutable file on ext4 (chattr +i), a file on an ext4 remounted
+    read-only, then a read-only loop device (losetup -r): a clear verdict, no flip;
+    chattr -i / remounted read-write / attached read-write, the next update installs."""
+    row = faults.add(Row(fault="device: immutable slot file, read-only mount, read-only loop"))
     started = time.perf_counter()
     fleet = Fleet(tmp_path / "fleet", releases)
     daemons: list[DaemonProcess] = []
     problems: list[str] = []
-    with ext4(tmp_path / "disk", tmp_path / "disk.ext4", 64 * MIB) as disk:
+    with ext4(tmp_path / "disk", tmp_path / "disk.ext4", 128 * MIB) as disk:
         slot = sparse(disk / "slot-b.img")
         try:
             fault = Fault(
@@ -577,8 +578,21 @@ def test_slot_not_writable(faults: FaultReport, releases: Releases, tmp_path: Pa
             )
             with running(tmp_path / "immutable", fleet, releases, daemons, slot_b=slot) as host:
                 problems += drive(row, host, fleet, releases, [fault])
+            second = sparse(disk / "slot-b-2.img")
+            fault = Fault(
+                name="slot b a file on an ext4 remounted read-only",
+                code="slot-unusable",
+                says=(str(second), "Read-only file system", "read-only mount"),
+                apply=lambda: run("mount", "-o", "remount,ro", str(disk)),
+                lift=lambda: run("mount", "-o", "remount,rw", str(disk)),
+                holds=nothing_written(second),
+            )
+            root = tmp_path / "ro-mount"
+            with running(root, fleet, releases, daemons, slot_b=second) as host:
+                problems += drive(row, host, fleet, releases, [fault])
         finally:
             run("chattr", "-i", str(slot))
+            run("mount", "-o", "remount,rw", str(disk))
     backing = sparse(tmp_path / "loop-b.img")
     link = tmp_path / "slot-b-device"
     with loop_device(backing, read_only=True) as device:

@@ -7,13 +7,15 @@ operator meets it, with real kernel parts only:
 - an image larger than slot b (the slot file is then grown with ``truncate``);
 - slot b a sparse file on a small tmpfs or loop-mounted ext4 that fills up mid-install
   (then the tmpfs is remounted larger, or a filler file is deleted);
-- the state directory on a full tmpfs (then the filler is deleted);
-- slot b an immutable file (``chattr +i`` on ext4) and a read-only loop device
-  (``losetup -r``), then ``chattr -i`` and a read-write loop device;
+- the state directory on a full tmpfs, filled before a check and while the image
+  downloads so a checkpoint cannot be written (then the filler is deleted);
+- slot b an immutable file (``chattr +i`` on ext4), a file on an ext4 remounted
+  read-only, and a read-only loop device (``losetup -r``), then ``chattr -i``, a
+  read-write remount and a read-write loop device;
 - slot b a loop device whose writes fail: its backing file on a tiny tmpfs (the block
   device answers ENOSPC), or on an ext4 shut down with ``EXT4_IOC_SHUTDOWN`` (EIO);
-- the GRUB environment's directory bind-mounted read-only while the image downloads,
-  so the flip is what fails.
+- the GRUB environment's directory bind-mounted read-only while the image downloads
+  (nginx at a limited rate), so the flip is what fails.
 
 Each try publishes the next release (R1 or R2) to the host's file or nginx source, asks
 for an update (``POST /v1/update`` with ``wait``), checks the verdict names the slot (or

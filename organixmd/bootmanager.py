@@ -121,7 +121,7 @@ class BootManager:
             # still starts, answers status and sends READY (units ordered after it start).
             self.report = explain(None, booted, unmounted=directory)
             self.log.error("boot_env_missing", detail=self.report.explanation)
-            await self.engine.persist()
+            await self.engine.try_persist()
             return self.report
         if state is None and booted is not None:
             state = await asyncio.to_thread(self.port.control.repair, booted)
@@ -150,7 +150,7 @@ class BootManager:
             state = await self._finish_mark_bad(state, booted)
         self.report = explain(state, booted)
         if state is None or booted is None:
-            await self.engine.persist()
+            await self.engine.try_persist()
             return self.report
         if self.report.reason and self.report.reason.startswith("fallback"):
             await self._record_fallback(booted, self.report.reason)
@@ -159,7 +159,7 @@ class BootManager:
             # Hosts committed before the floor existed (or whose env was recreated) get it
             # back from the committed release they run.
             await asyncio.to_thread(self.port.raise_floor, booted, running.release.serial)
-        await self.engine.persist()
+        await self.engine.try_persist()
         self.log.info("boot_assessed", reason=self.report.reason, detail=self.report.explanation)
         return self.report
 
@@ -197,7 +197,8 @@ class BootManager:
         record = self.engine.state.slots.get(failed_slot)
         if record is None or record.status not in ("staged", "verified"):
             return
-        failed = await self.engine.record_failed(failed_slot, reason)
+        # Written by reconcile right after (a full state directory must not stop the start).
+        failed = await self.engine.record_failed(failed_slot, reason, persist=False)
         # The slot's content stays, but it is no longer a candidate.
         del self.engine.state.slots[failed_slot]
         if failed is not None:

@@ -44,6 +44,7 @@ from organixmd.errors import (
     SlotError,
     SourceChanged,
     SourceError,
+    StateError,
 )
 from organixmd.hostlock import HostLock
 from organixmd.logsetup import get_logger
@@ -238,6 +239,19 @@ class Engine:
             data = self.store.encode(self.state)
             await asyncio.to_thread(self.store.write, data)
 
+    async def try_persist(self) -> StateError | None:
+        """Write the state file; a failure (say a full file system) is logged and returned.
+
+        The state stays in memory and the next write carries it; the old file stays
+        intact (the write is atomic). For callers that must go on without it.
+        """
+        try:
+            await self.persist()
+        except StateError as exc:
+            self.log.error("state_unwritable", code=exc.code, error=str(exc))
+            return exc
+        return None
+
     def _emit(self, kind: str, **fields: Any) -> None:
         if self.on_event is not None:
             self.on_event(kind, fields)
@@ -251,7 +265,22 @@ class Engine:
         self.state.last_check = verdict.at
         self.state.last_verdict = verdict
         self.state.meta_etag = keep_etag
-        await self.persist()
+        unwritable = await self.try_persist()
+        if unwritable is not None:
+            # The verdict cannot be kept: the check ends in the state error itself (kept
+            # in memory for status; the next check writes the state again).
+            if verdict.code != unwritable.code:
+                verdict = self._verdict(
+                    "error",
+                    unwritable.code,
+                    f"{unwritable}; this check's own verdict ({verdict.code}: "
+                    f"{verdict.message}) could not be kept",
+                    verdict.release,
+                )
+            self.state.last_verdict = verdict
+            self.state.meta_etag = None
+            self.last_error = unwritable
+            self._set_phase(Phase.ERROR)
         release = verdict.release
         self.log.info(
             "check_done",
@@ -702,9 +731,12 @@ class Engine:
     # ------------------------------------------------------------------ after boot
 
     async def record_failed(
-        self, slot: SlotName, reason: str, *, event: str | None = "fell-back"
+        self, slot: SlotName, reason: str, *, event: str | None = "fell-back", persist: bool = True
     ) -> FailedRelease | None:
-        """Remember the release in ``slot`` as failed so it is never installed again."""
+        """Remember the release in ``slot`` as failed so it is never installed again.
+
+        With ``persist=False`` the caller writes the state file itself.
+        """
         record = self.state.slots.get(slot)
         if record is None:
             return None
@@ -713,7 +745,8 @@ class Engine:
             self.state.failed.append(failed)
         if event is not None:
             self.state.record(event, slot=slot, release=record.release, detail=reason)
-        await self.persist()
+        if persist:
+            await self.persist()
         return failed
 
 

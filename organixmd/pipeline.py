@@ -29,6 +29,7 @@ whole-image hash can be checked. It cannot resume.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import mmap
 import queue
@@ -83,6 +84,27 @@ class InstallResult:
 
 ProgressCallback = Callable[[Progress], None]
 CheckpointCallback = Callable[[int, str | None], Awaitable[None]]
+
+
+def slot_error(what: str, exc: OSError) -> SlotError:
+    """A slot's OSError as a verdict: what failed, the cause, and what to do about it."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = (
+            "the file system or device that holds the slot is full: free space there (or "
+            "allocate a file-backed slot in full, with fallocate); the next check starts over"
+        )
+    elif exc.errno in (errno.EPERM, errno.EACCES, errno.EROFS):
+        hint = (
+            "the slot is not writable: check that it is not immutable (lsattr; chattr -i), "
+            "not a read-only device (blockdev --getro; losetup -r) and not on a read-only "
+            "mount; nothing was flipped"
+        )
+    else:
+        hint = (
+            "the device reported an error: check the kernel log (dmesg) and the disk's "
+            "health; nothing was flipped"
+        )
+    return SlotError(f"{what}: {exc.strerror or exc}", hint=hint)
 
 
 class _NoHash:
@@ -279,9 +301,7 @@ class Installer:
                 else await asyncio.to_thread(SlotWriter, self.slot_path, self.slot_offset)
             )
         except OSError as exc:
-            raise SlotError(
-                f"cannot open slot {self.slot_path} for writing: {exc.strerror}"
-            ) from exc
+            raise slot_error(f"cannot open slot {self.slot_path} for writing", exc) from exc
         # The whole image is hashed exactly once: by the read-back from the device
         # when there is one (it is the check that counts, invariant 2), otherwise
         # here in the stream. Chunks are always checked as they arrive.
@@ -296,7 +316,7 @@ class Installer:
                 etag = await self._run_stream(writer, hasher)
             await asyncio.to_thread(writer.sync)
         except OSError as exc:
-            raise SlotError(f"writing slot {self.slot_path} failed: {exc.strerror}") from exc
+            raise slot_error(f"writing slot {self.slot_path} failed", exc) from exc
         finally:
             await asyncio.to_thread(writer.close)
         self.stream_seconds = time.monotonic() - self._started
@@ -331,7 +351,7 @@ class Installer:
                 hash_device, self.slot_path, self.release.size, None, self.slot_offset
             )
         except OSError as exc:
-            raise SlotError(f"reading slot {self.slot_path} back failed: {exc.strerror}") from exc
+            raise slot_error(f"reading slot {self.slot_path} back failed", exc) from exc
         if digest.hexdigest() != self.release.sha256:
             raise ImageMismatch(
                 f"slot {self.slot_path}: the data read back has SHA-256 {digest.hexdigest()}, "
@@ -353,9 +373,7 @@ class Installer:
                 hash_device, self.slot_path, prefix, None, self.slot_offset
             )
         except OSError as exc:
-            raise SlotError(
-                f"reading slot {self.slot_path} to resume failed: {exc.strerror}"
-            ) from exc
+            raise slot_error(f"reading slot {self.slot_path} to resume failed", exc) from exc
 
     def _fail(self, exc: BaseException) -> None:
         if self._failure is None:

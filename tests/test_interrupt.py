@@ -129,39 +129,46 @@ def test_client_killed_at_half_resumes_with_range(
 
 @pytest.mark.slow
 def test_kill9_at_random_points_then_completes(tmp_path: Path, release: BuiltRelease) -> None:
-    """kill -9 at seeded random moments, three times; the last run resumes and verifies."""
+    """kill -9 at seeded moments, three times; the last run resumes and verifies.
+
+    Each moment is a seeded chunk count the state file must show, plus a seeded fraction
+    of a chunk's download time, so the kills land mid-install however slowly this machine
+    starts the daemon (a fixed delay after the start was not always mid-install)."""
     rng = random.Random(20261126)
-    kills = [rng.uniform(0.3, 1.6) for _ in range(3)]
-    # Slower than the other tests: even killed at the latest moment three times, the
-    # download is not finished, so every kill lands mid-install.
+    chunks = release.meta.image.chunks
+    targets = sorted(rng.sample(range(2, len(chunks) * 2 // 3), 3))
+    extra = [rng.uniform(0.0, 0.15) for _ in targets]
+    # About 6 s for the image: a kill at the last target plus its extra time still
+    # finds the download unfinished.
     server = start_nginx(
         release.directory.parent, tmp_path / "nginx", limit_rate=rate_for(release, 6.0)
     )
     host = CliHost(tmp_path / "host")
     host.write_config(f"{server.url}/fleet/host", extra=EVERY_CHUNK)
     try:
-        checkpoints = kill_repeatedly(host, kills)
+        checkpoints = kill_repeatedly(host, list(zip(targets, extra, strict=True)))
         finished = host.run_once()
     finally:
         server.stop()
     # Progress only grows: every run resumed where the previous one stopped.
     assert checkpoints == sorted(checkpoints)
-    assert checkpoints[-1] > 0
+    assert checkpoints[0] >= targets[0]
     host.assert_staged(finished, release.image_path)
     starts = [entry.range_start for entry in image_requests(server, release)]
     assert starts[0] is None
-    chunks = release.meta.image.chunks
     assert starts[-1] == chunks[checkpoints[-1]].offset
     installed = [e for e in host.state()["history"] if e["event"] == "installed"]
     assert installed[-1]["detail"].endswith(f"resumed at chunk {checkpoints[-1]}")
 
 
-def kill_repeatedly(host: CliHost, kills: list[float]) -> list[int]:
-    """Start organixmd --once and kill -9 it after each delay; the checkpoints seen."""
+def kill_repeatedly(host: CliHost, moments: list[tuple[int, float]]) -> list[int]:
+    """Start organixmd --once and kill -9 it once the state shows ``chunks`` verified
+    chunks and ``then`` more seconds passed, for each moment; the checkpoints seen."""
     checkpoints: list[int] = []
-    for delay in kills:
+    for chunks, then in moments:
         process = host.start_once()
-        time.sleep(delay)
+        wait_for_chunks(host, process, chunks)
+        time.sleep(then)
         assert process.poll() is None, "organixmd finished before it could be killed"
         kill9(process)
         progress = read_progress(host)

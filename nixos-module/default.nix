@@ -465,7 +465,14 @@ in
         ExecStart = "${cfg.package}/bin/organixctl mark-good";
         # This boot is committed: organixm-mark-bad no longer acts on it.
         ExecStartPost = "${pkgs.coreutils}/bin/touch ${committedFlag}";
+        # A commit cut short (the daemon killed or restarting) is tried again, a few
+        # times, instead of leaving the trial to the commit deadline.
+        Restart = "on-failure";
+        RestartSec = "5s";
+        RestartPreventExitStatus = "4 64";
       };
+      startLimitIntervalSec = 600;
+      startLimitBurst = 10;
     };
 
     systemd.services.organixm-mark-bad = {

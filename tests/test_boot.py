@@ -371,6 +371,10 @@ def test_assessment_units_commit_after_boot_complete_and_mark_bad_on_failure() -
     assert "boot-complete.target" in good["Unit"]["After"]
     assert good["Service"]["ExecStart"] == "organixctl mark-good"
     assert good["Service"]["Type"] == "oneshot"
+    # A commit cut short by a daemon restart is retried; a refusal is not.
+    assert good["Service"]["Restart"] == "on-failure"
+    assert good["Service"]["RestartPreventExitStatus"].split() == ["4", "64"]
+    assert int(good["Unit"]["StartLimitBurst"]) > 1
     bad = configparser.ConfigParser(strict=False)
     bad.read(DATA / "systemd" / "organixm-mark-bad.service")
     assert bad["Service"]["ExecStart"] == "organixctl mark-bad"

@@ -25,7 +25,13 @@ import pytest
 
 from organixmd import grubenv
 from organixmd.boot import state_from_env
-from tests.support.daemon import DaemonProcess, make_images, prepare_host, request
+from tests.support.daemon import (
+    DaemonProcess,
+    make_images,
+    prepare_host,
+    request,
+    strace_delaying,
+)
 from tests.support.images import make_ext4_image
 from tests.support.nginx import AccessLogEntry, Nginx, start_nginx
 from tests.support.releases import BuiltRelease, build_release
@@ -212,20 +218,7 @@ def test_server_gone_mid_stream_then_resume(tmp_path: Path, release: BuiltReleas
 
 #: The daemon under strace: every rename waits before it enters the kernel, so the
 #: temporary file of each atomic write stands whole beside its target meanwhile.
-HOLD_RENAMES = (
-    "strace",
-    "-f",
-    "--seccomp-bpf",
-    "-qq",
-    "-o",
-    "/dev/null",
-    "-e",
-    # set_robust_list and rseq: every new thread makes one of them first, and strace traces
-    # a thread's every syscall until its first seccomp stop; they stop it at once.
-    "trace=rename,renameat,renameat2,set_robust_list,rseq",
-    "-e",
-    "inject=rename,renameat,renameat2:delay_enter=300000",
-)
+HOLD_RENAMES = strace_delaying({"rename,renameat,renameat2": 0.3})
 
 
 #: What :func:`tempfile.mkstemp` adds to the prefix ``.<target name>.``.

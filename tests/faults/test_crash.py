@@ -52,7 +52,14 @@ from organixmd.boot import BootState, state_from_env
 from organixmd.errors import BootError
 from organixmd.meta import MetaV1
 from tests.faults.report import FaultReport, Row, count_tracebacks
-from tests.support.daemon import DaemonProcess, Host, RawAnswer, prepare_host, request
+from tests.support.daemon import (
+    DaemonProcess,
+    Host,
+    RawAnswer,
+    prepare_host,
+    request,
+    strace_delaying,
+)
 from tests.support.images import make_ext4_image
 from tests.support.nginx import start_nginx
 from tests.support.releases import BuiltRelease, build_release
@@ -72,22 +79,7 @@ RENAME_DELAY = 0.15
 #: at once by the next one (every chunk would then wait for a state write).
 CHECKPOINT_INTERVAL = 0.3
 READ_DELAY = 0.15
-STRACE = (
-    "strace",
-    "-f",
-    "--seccomp-bpf",
-    "-qq",
-    "-o",
-    "/dev/null",
-    "-e",
-    # set_robust_list and rseq: every new thread makes one of them first, and strace traces
-    # a thread's every syscall until its first seccomp stop; they stop it at once.
-    "trace=rename,renameat,renameat2,preadv2,set_robust_list,rseq",
-    "-e",
-    f"inject=rename,renameat,renameat2:delay_enter={int(RENAME_DELAY * 1e6)}",
-    "-e",
-    f"inject=preadv2:delay_enter={int(READ_DELAY * 1e6)}",
-)
+STRACE = strace_delaying({"rename,renameat,renameat2": RENAME_DELAY, "preadv2": READ_DELAY})
 WAIT = 60.0
 #: What :func:`tempfile.mkstemp` adds to the prefix ``.<target name>.``.
 TEMPORARY = re.compile(r"^[a-z0-9_]{8}$")

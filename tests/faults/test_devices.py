@@ -54,12 +54,11 @@ from tests.support.daemon import (
     SLOT_SIZE,
     DaemonProcess,
     Host,
-    make_images,
     prepare_host,
     request,
 )
 from tests.support.nginx import start_nginx
-from tests.support.releases import BuiltRelease, build_release
+from tests.support.releases import BuiltRelease, ReleaseSet, build_release_set
 
 MIB = 1024 * 1024
 #: EXT4_IOC_SHUTDOWN (_IOR('X', 125, __u32)) and its "no log flush" flag.
@@ -161,26 +160,12 @@ def free_bytes(directory: Path) -> int:
 # ---------------------------------------------------------------------------- releases
 
 
-@dataclass
-class Releases:
-    r0: BuiltRelease
-    r1: BuiltRelease
-    r2: BuiltRelease
-    images: list[Path]
-
-    def target(self, index: int) -> BuiltRelease:
-        return self.r1 if index % 2 == 0 else self.r2
+Releases = ReleaseSet
 
 
 @pytest.fixture(scope="module")
-def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
-    root = tmp_path_factory.mktemp("devices")
-    images = make_images(root / "images", 3)
-    built = [
-        build_release(image, root / f"r{n}", version=f"{n}.0", serial=n + 1)
-        for n, image in enumerate(images)
-    ]
-    return Releases(r0=built[0], r1=built[1], r2=built[2], images=images)
+def releases(tmp_path_factory: pytest.TempPathFactory) -> ReleaseSet:
+    return build_release_set(tmp_path_factory.mktemp("devices"))
 
 
 class Fleet:

@@ -38,11 +38,11 @@ from typing import Any
 import pytest
 
 from tests.faults.report import FaultReport, Row, count_tracebacks
-from tests.support.daemon import DaemonProcess, Host, make_images, organixctl, prepare_host, request
+from tests.support.daemon import DaemonProcess, Host, organixctl, prepare_host, request
 from tests.support.faultproxy import Fault, FaultProxy
 from tests.support.images import sha256_file
 from tests.support.nginx import Nginx, start_nginx
-from tests.support.releases import BuiltRelease, build_release
+from tests.support.releases import BuiltRelease, ReleaseSet, build_release_set
 from tests.support.s3 import MotoServer
 from tests.test_sources import s3_client
 
@@ -71,28 +71,12 @@ SOURCE_SETTINGS = (
 )
 
 
-@dataclass
-class Releases:
-    """R0 (installed), R1 and R2, built once; their images live side by side."""
-
-    r0: BuiltRelease
-    r1: BuiltRelease
-    r2: BuiltRelease
-    images: list[Path]
-
-    def target(self, index: int) -> BuiltRelease:
-        return self.r1 if index % 2 == 0 else self.r2
+Releases = ReleaseSet
 
 
 @pytest.fixture(scope="module")
-def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
-    root = tmp_path_factory.mktemp("network")
-    images = make_images(root / "images", 3)
-    built = [
-        build_release(image, root / f"r{n}", version=f"{n}.0", serial=n + 1)
-        for n, image in enumerate(images)
-    ]
-    return Releases(r0=built[0], r1=built[1], r2=built[2], images=images)
+def releases(tmp_path_factory: pytest.TempPathFactory) -> ReleaseSet:
+    return build_release_set(tmp_path_factory.mktemp("network"))
 
 
 @dataclass(frozen=True)

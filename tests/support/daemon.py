@@ -473,3 +473,17 @@ def ranged_image_requests(server: Nginx, timeout: float = 10.0) -> list[str]:
         if any(r.startswith("bytes=") for r in ranges) or time.monotonic() > deadline:
             return ranges
         time.sleep(0.05)
+
+
+def strace_delaying(delays: dict[str, float]) -> tuple[str, ...]:
+    """A ``DaemonProcess`` prefix: the daemon under strace, each syscall group named in
+    ``delays`` (comma-separated syscalls) held that many seconds before it enters the
+    kernel, so a test can act (read a temporary file, SIGKILL) while it waits."""
+    traced = ",".join([*delays, "set_robust_list", "rseq"])
+    argv = ["strace", "-f", "--seccomp-bpf", "-qq", "-o", "/dev/null"]
+    # set_robust_list and rseq: every new thread makes one of them first, and strace traces
+    # a thread's every syscall until its first seccomp stop; they stop it at once.
+    argv += ["-e", f"trace={traced}"]
+    for calls, seconds in delays.items():
+        argv += ["-e", f"inject={calls}:delay_enter={int(seconds * 1e6)}"]
+    return tuple(argv)

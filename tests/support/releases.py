@@ -107,3 +107,29 @@ def build_legacy_release(image: Path, directory: Path, *, name: str = "host") ->
     path = directory / f"{name}.meta"
     path.write_text(json.dumps(meta))
     return path
+
+
+@dataclass
+class ReleaseSet:
+    """R0 (installed), R1 and R2, built once; their images live side by side. Cases
+    alternate R1 and R2, so every case has something newer to install."""
+
+    r0: BuiltRelease
+    r1: BuiltRelease
+    r2: BuiltRelease
+    images: list[Path]
+
+    def target(self, index: int) -> BuiltRelease:
+        return self.r1 if index % 2 == 0 else self.r2
+
+
+def build_release_set(root: Path) -> ReleaseSet:
+    """Three real ext4 images as releases 0.0, 1.0 and 2.0 (serials 1, 2, 3) under ``root``."""
+    from tests.support.daemon import make_images
+
+    images = make_images(root / "images", 3)
+    built = [
+        build_release(image, root / f"r{n}", version=f"{n}.0", serial=n + 1)
+        for n, image in enumerate(images)
+    ]
+    return ReleaseSet(r0=built[0], r1=built[1], r2=built[2], images=images)

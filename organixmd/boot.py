@@ -454,6 +454,16 @@ class BootControl:
             return False
         return grubenv.parse(blocks[0]) == grubenv.parse(blocks[1])
 
+    def damaged(self) -> bool:
+        """Whether a copy is missing, unreadable, or not exactly a block GRUB can save
+        into. Copies that merely differ are not damaged: GRUB saves its decisions into
+        the primary alone, so after every boot the backup is older."""
+        try:
+            blocks = [self.primary.read_bytes(), self.backup.read_bytes()]
+        except OSError:
+            return True
+        return not all(grubenv.is_canonical(block) for block in blocks)
+
     def repair(self, known_good_slot: Slot) -> BootState:
         """Make both copies valid again. Idempotent.
 

@@ -137,14 +137,16 @@ class BootManager:
         elif (
             state is not None
             and booted is not None
-            and not await asyncio.to_thread(self.port.control.intact)
+            and await asyncio.to_thread(self.port.control.damaged)
         ):
+            # Only a damaged copy is rewritten: every rename on the boot partition is a
+            # window in which a power cut leaves GRUB (which replays no file-system
+            # journal) reading the old file while Linux reads the new one.
             state = await asyncio.to_thread(self.port.control.repair, booted)
             self.log.warning(
                 "env_repaired",
-                detail="a copy of the GRUB environment was damaged or out of date (GRUB "
-                "cannot save its decisions into a block whose padding is torn); "
-                "rewritten from the primary",
+                detail="a copy of the GRUB environment was damaged (GRUB cannot save its "
+                "decisions into a block whose padding is torn); rewritten from the primary",
             )
         if state is not None and booted is not None:
             state = await self._finish_mark_bad(state, booted)

@@ -157,11 +157,10 @@ def _customize(wheels: Path) -> list[str]:
         'echo 0123456789abcdef0123456789abcdef > "$1/etc/machine-id"',
         'echo e2e > "$1/etc/hostname"',
         'chroot "$1" systemctl enable organixm-update.service organixm-mark-good.service '
-        "e2e-success.service e2e-after.service e2e-report.service e2e-console.service",
+        "e2e-success.service e2e-after.service e2e-report.service",
         'chroot "$1" systemctl mask systemd-firstboot.service apt-daily.timer '
         "apt-daily-upgrade.timer e2scrub_all.timer fstrim.timer getty@tty1.service "
-        # No login prompt on the serial console: agetty's vhangup() would cut off the
-        # journal lines e2e-console.service writes there.
+        # No login prompt on the serial console: nobody logs in, and it costs boot time.
         "serial-getty@ttyS0.service",
         'rm -rf "$1/var/cache/apt" "$1/var/lib/apt/lists" "$1/usr/share/doc" "$1/usr/share/man"',
     ]

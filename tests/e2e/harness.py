@@ -23,6 +23,7 @@ import tempfile
 import time
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ TOOLS = ("mmdebstrap", "qemu-system-x86_64", "mkfs.ext4", "debugfs", "journalctl
 STICK_LABEL = "e2e-stick"
 RELEASE_NAME = "e2e"
 #: Kernel, initrd and root in the slot; the initrd finds the root by organixm.slot=.
-BOOT_PARAMS = ["console=ttyS0,115200", "ro", "panic=5"]
+BOOT_PARAMS = ("console=ttyS0,115200", "ro", "panic=5")
 
 
 def require_tools() -> None:
@@ -138,6 +139,10 @@ def _customize(wheels: Path) -> list[str]:
         'chroot "$1" python3 -m venv --system-site-packages /opt/organixm',
         'chroot "$1" /opt/organixm/bin/pip install -q --no-index --find-links /tmp/wheels organixm',
         'rm -rf "$1/tmp/wheels"',
+        # Not needed at run time, and every byte of the image is downloaded, written and
+        # read back at each install: pip and setuptools, zstandard's unused cffi backend.
+        'cd "$1"/opt/organixm/lib/python3*/site-packages && rm -rf pip pip-* setuptools '
+        "setuptools-* pkg_resources _distutils_hack distutils-precedence.pth zstandard/_cffi*",
         'ln -s /opt/organixm/bin/organixmd "$1/usr/bin/organixmd"',
         'ln -s /opt/organixm/bin/organixctl "$1/usr/bin/organixctl"',
         f'cp {d}/*.service "$1/etc/systemd/system/"',
@@ -154,7 +159,9 @@ def _customize(wheels: Path) -> list[str]:
         'chroot "$1" systemctl enable organixm-update.service organixm-mark-good.service '
         "e2e-success.service e2e-after.service e2e-report.service",
         'chroot "$1" systemctl mask systemd-firstboot.service apt-daily.timer '
-        "apt-daily-upgrade.timer e2scrub_all.timer fstrim.timer getty@tty1.service",
+        "apt-daily-upgrade.timer e2scrub_all.timer fstrim.timer getty@tty1.service "
+        # No login prompt on the serial console: nobody logs in, and it costs boot time.
+        "serial-getty@ttyS0.service",
         'rm -rf "$1/var/cache/apt" "$1/var/lib/apt/lists" "$1/usr/share/doc" "$1/usr/share/man"',
     ]
     return [f"--customize-hook={step}" for step in steps]
@@ -167,7 +174,13 @@ def guest_tree(work: Path) -> Path:
     wheel = build_wheels(wheels)
     key = hashlib.sha256(
         json.dumps(
-            [PACKAGES, _wheel_digest(wheel), sorted(p.name for p in wheels.glob("*.whl"))]
+            [
+                PACKAGES,
+                _wheel_digest(wheel),
+                sorted(p.name for p in wheels.glob("*.whl")),
+                # The steps themselves (the wheel directory changes at every run).
+                _customize(Path("/wheels")),
+            ]
         ).encode()
         + _files_digest(HOOKS, GUEST_FILES, ROOT / "organixmd" / "data" / "systemd").encode()
     ).hexdigest()[:16]
@@ -203,7 +216,8 @@ class Release:
     #: What the release's boot success unit does: pass, fail or hang.
     behaviour: str = "pass"
     trial_boots: int = 2
-    extra_params: tuple[str, ...] = ()
+    #: The kernel parameters in the image's boot entry.
+    params: tuple[str, ...] = BOOT_PARAMS
 
 
 def _daemon_config(release: Release) -> str:
@@ -226,10 +240,12 @@ def kernel_paths(tree: Path) -> tuple[str, str]:
     return f"/boot/{kernel.name}", f"/boot/{initrd.name}"
 
 
-def build_release_image(tree: Path, release: Release, out: Path) -> Path:
-    """One ext4 slot image of the guest tree plus the release's own files (via debugfs)."""
-    size = int(run(["du", "-sb", str(tree)]).stdout.split()[0])
-    size = (size * 13 // 10 + 64 * 2**20) // 2**20 * 2**20
+def build_base_image(tree: Path, out: Path) -> Path:
+    """The guest tree as one ext4 slot image, without any release's own files."""
+    # Allocated bytes plus room for the journal and inode tables: every byte of the
+    # image is downloaded, written, hashed and read back at each install in the guest.
+    size = int(run(["du", "-s", "-B1", str(tree)]).stdout.split()[0])
+    size = (size * 105 // 100 + 40 * 2**20) // 2**20 * 2**20
     with open(out, "wb") as handle:
         handle.truncate(size)
     run(
@@ -247,6 +263,12 @@ def build_release_image(tree: Path, release: Release, out: Path) -> Path:
         ],
         env={**os.environ, "E2FSPROGS_FAKE_TIME": "1700000000"},
     )
+    return out
+
+
+def build_release_image(tree: Path, base: Path, release: Release, out: Path) -> Path:
+    """A copy of the base image plus the release's own files (written with debugfs)."""
+    run(["cp", "--sparse=always", str(base), str(out)])
     kernel, initrd = kernel_paths(tree)
     extra = out.with_suffix(".files")
     extra.mkdir(exist_ok=True)
@@ -256,7 +278,7 @@ def build_release_image(tree: Path, release: Release, out: Path) -> Path:
             kernel=kernel,
             initrd=initrd,
             init="/sbin/init",
-            params=[*BOOT_PARAMS, *release.extra_params],
+            params=list(release.params),
         ),
     )
     (extra / "organixmd.toml").write_text(_daemon_config(release))
@@ -342,32 +364,117 @@ def _partitions(disk: Path) -> dict[str, tuple[int, int]]:
 
 
 class Mounted:
-    """A partition of the disk image loop-mounted read-only at a temporary directory."""
+    """A partition of the disk image loop-mounted at a temporary directory.
 
-    def __init__(self, disk: Path, name: str, *, writable: bool = False) -> None:
+    By default read-only without replaying the ext4 journal: what GRUB sees, which
+    reads no journal either. With ``replay`` a copy of the partition is mounted, so
+    its journal is replayed as the guest's next mount would (after a power cut the
+    newest metadata, a renamed state file say, may be in the journal only); the
+    disk image itself is never changed.
+    """
+
+    def __init__(self, disk: Path, name: str, *, replay: bool = False) -> None:
         offset, size = _partitions(disk)[name]
-        self.loop = run(
-            ["losetup", "--find", "--show", "--offset", str(offset), "--sizelimit", str(size)]
-            + ([] if writable else ["--read-only"])
-            + [str(disk)]
-        ).stdout.strip()
+        self.copy: Path | None = None
+        source, options = disk, ["--offset", str(offset), "--sizelimit", str(size), "--read-only"]
+        if replay:
+            fd, copy = tempfile.mkstemp(prefix=f"e2e-{name}-", suffix=".img")
+            os.close(fd)
+            self.copy = source = Path(copy)
+            run(
+                [
+                    "dd",
+                    f"if={disk}",
+                    f"of={copy}",
+                    "bs=4M",
+                    f"skip={offset}",
+                    f"count={size}",
+                    "iflag=skip_bytes,count_bytes",
+                    "conv=sparse",
+                    "status=none",
+                ]
+            )
+            options = []
+        self.loop = run(["losetup", "--find", "--show", *options, str(source)]).stdout.strip()
         self.path = Path(tempfile.mkdtemp(prefix=f"e2e-{name}-"))
         try:
-            run(["mount", "-o", "rw" if writable else "ro,noload", self.loop, str(self.path)])
+            run(["mount", "-o", "rw" if replay else "ro,noload", self.loop, str(self.path)])
         except BaseException:
             run(["losetup", "-d", self.loop])
+            if self.copy is not None:
+                self.copy.unlink()
             raise
 
     def close(self) -> None:
         run(["umount", str(self.path)])
         run(["losetup", "-d", self.loop])
         self.path.rmdir()
+        if self.copy is not None:
+            self.copy.unlink()
 
     def __enter__(self) -> Path:
         return self.path
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def slot_partition(disk: Path, slot: str) -> tuple[int, int]:
+    """(byte offset, byte size) of slot ``a`` or ``b`` in the disk image."""
+    return _partitions(disk)[f"organixm-{slot}"]
+
+
+def image_probe(image: Path, *, fraction: float = 0.5, size: int = 4096) -> tuple[int, bytes]:
+    """A non-zero block of ``image`` at about ``fraction`` of it: (offset, bytes).
+
+    Seeing these bytes at the same offset in a slot that was empty before tells the
+    harness that the guest's install has written at least that far.
+    """
+    total = image.stat().st_size
+    with open(image, "rb") as handle:
+        offset = int(total * fraction) // size * size
+        while offset + size <= total:
+            handle.seek(offset)
+            block = handle.read(size)
+            if block.strip(b"\0"):
+                return offset, block
+            offset += 2**20
+    raise AssertionError(f"{image} has no data after {fraction:.0%} of it to watch for")
+
+
+class SlotFilled:
+    """A kill condition for :func:`boot`: the slot holds the probe block of an image."""
+
+    def __init__(self, disk: Path, slot: str, probe: tuple[int, bytes]) -> None:
+        self.disk = disk
+        self.offset = slot_partition(disk, slot)[0] + probe[0]
+        self.expected = probe[1]
+
+    def __call__(self, serial: str) -> bool:
+        with open(self.disk, "rb") as handle:
+            handle.seek(self.offset)
+            return handle.read(len(self.expected)) == self.expected
+
+
+def damage_superblock_checksum(disk: Path, slot: str) -> None:
+    """Flip the ext4 superblock checksum of a slot (GRUB does not check it; Linux does).
+
+    GRUB still reads the slot's boot entry, kernel and initrd; the kernel refuses to
+    mount the file system ("invalid superblock checksum"), so the initrd cannot.
+    """
+    offset = slot_partition(disk, slot)[0] + 1024
+    with open(disk, "r+b") as handle:
+        handle.seek(offset)
+        superblock = bytearray(handle.read(1024))
+        if superblock[0x38:0x3A] != b"\x53\xef":
+            raise AssertionError(f"slot {slot} of {disk} holds no ext4 superblock")
+        if not int.from_bytes(superblock[0x64:0x68], "little") & 0x400:
+            raise AssertionError(f"slot {slot} of {disk} has no metadata_csum to damage")
+        superblock[0x3FC:0x400] = bytes(b ^ 0xFF for b in superblock[0x3FC:0x400])
+        handle.seek(offset)
+        handle.write(superblock)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def read_boot_state(disk: Path) -> BootState:
@@ -377,13 +484,13 @@ def read_boot_state(disk: Path) -> BootState:
 
 def read_journal(disk: Path) -> list[dict[str, Any]]:
     """Every entry of the guest's persistent journal (on the rw partition)."""
-    with Mounted(disk, "organixm-rw") as rw:
+    with Mounted(disk, "organixm-rw", replay=True) as rw:
         out = run(["journalctl", "-D", str(rw / "log" / "journal"), "-o", "json", "--no-pager"])
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
 
 def read_state(disk: Path) -> dict[str, Any]:
-    with Mounted(disk, "organixm-rw") as rw:
+    with Mounted(disk, "organixm-rw", replay=True) as rw:
         data: dict[str, Any] = json.loads((rw / "lib" / "organixm" / "state.json").read_text())
     return data
 
@@ -425,9 +532,13 @@ def boot(
     *,
     firmware: str = "bios",
     timeout: float = 240.0,
-    kill_when: re.Pattern[str] | None = None,
+    kill_when: Callable[[str], bool] | None = None,
 ) -> Boot:
-    """Boot the guest once in QEMU (TCG) until it reboots or powers off (or is killed)."""
+    """Boot the guest once in QEMU (TCG) until it reboots or powers off.
+
+    ``kill_when`` is called with the serial output so far, five times a second; once
+    it returns true QEMU is killed (a power cut) and the boot ends as "killed".
+    """
     argv = [
         "qemu-system-x86_64",
         "-machine",
@@ -451,6 +562,7 @@ def boot(
     ]
     if firmware == "uefi":
         argv[1:1] = ["-bios", str(OVMF)]
+    log.write_text("")  # QEMU truncates it too; kill_when reads it from the start
     started = time.monotonic()
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     end = ""
@@ -461,7 +573,7 @@ def boot(
                     f"guest did not finish within {timeout} s:\n"
                     f"{log.read_text(errors='replace')[-4000:]}"
                 )
-            if kill_when is not None and kill_when.search(log.read_text(errors="replace")):
+            if kill_when is not None and kill_when(log.read_text(errors="replace")):
                 process.kill()
                 end = "killed"
                 break
@@ -484,3 +596,119 @@ def boot(
         for match in _REPORT.finditer(serial)
     ]
     return Boot(serial, time.monotonic() - started, end, reports)
+
+
+# ---------------------------------------------------------------------------- scenarios
+
+#: 1.0 is provisioned; it stages what it installs with two tries.
+R1 = Release("1.0", 1)
+#: 2.0 passes; it stages what it installs with one try, so a failing trial costs one boot.
+R2 = Release("2.0", 2, trial_boots=1)
+#: 3.0's success unit fails (mark-bad).
+R3 = Release("3.0", 3, behaviour="fail")
+#: 4.0 has no panic= of its own: the initramfs hook's panic=10 is what reboots it.
+R4 = Release("4.0", 4, params=("console=ttyS0,115200", "ro"))
+#: 5.0's success unit never returns: no mark-bad, no commit.
+R5 = Release("5.0", 5, behaviour="hang")
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    release: Release
+    #: What ``organixctl publish`` wrote: the .meta (provision reads it).
+    meta: Path
+    #: A USB-stick disk holding only this release.
+    stick: Path
+    #: A block of the image and its offset (:func:`image_probe`).
+    probe: tuple[int, bytes]
+
+
+class Releases:
+    """Each release built, published and put on a stick once, when first asked for."""
+
+    def __init__(self, work: Path, tree: Path) -> None:
+        self.work = work
+        self.tree = tree
+        self._base: Path | None = None
+        self._done: dict[Release, Published] = {}
+        work.mkdir(parents=True, exist_ok=True)
+
+    def __getitem__(self, release: Release) -> Published:
+        if release in self._done:
+            return self._done[release]
+        started = time.monotonic()
+        if self._base is None:
+            self._base = build_base_image(self.tree, self.work / "base.img")
+        name = f"r{release.serial}"
+        image = build_release_image(self.tree, self._base, release, self.work / f"{name}.img")
+        probe = image_probe(image)
+        directory = self.work / name
+        meta = publish(image, release, directory)
+        image.unlink()
+        shutil.rmtree(image.with_suffix(".files"))
+        stick = make_stick(directory, self.work / f"{name}-stick.img")
+        published = Published(release, meta, stick, probe)
+        self._done[release] = published
+        print(
+            f"release {release.version} built and published in {time.monotonic() - started:.0f} s"
+        )
+        return published
+
+
+class Machine:
+    """One disk provisioned with ``organixctl provision``, booted again and again."""
+
+    def __init__(self, name: str, work: Path, firmware: str, first: Published) -> None:
+        self.name = name
+        self.work = work
+        self.firmware = firmware
+        self.disk = work / f"{name}.img"
+        self.boots = 0
+        #: Scenarios that passed on this disk, in order (a later one builds on them).
+        self.passed: list[str] = []
+        provision(self.disk, first.meta, firmware)
+
+    def require(self, scenario: str) -> None:
+        if scenario not in self.passed:
+            raise AssertionError(
+                f"this scenario continues on the {self.name} disk after '{scenario}', "
+                f"which did not pass (passed: {self.passed or 'none'})"
+            )
+
+    def boot(self, stick: Published, **kwargs: Any) -> Boot:
+        self.boots += 1
+        log = self.work / f"{self.name}-boot{self.boots}.log"
+        result = boot(self.disk, stick.stick, log, firmware=self.firmware, **kwargs)
+        print(
+            f"{self.name} boot {self.boots}: {result.end} after {result.seconds:.0f} s; "
+            f"{result.grub_line()}"
+        )
+        return result
+
+    def boot_state(self) -> BootState:
+        return read_boot_state(self.disk)
+
+    def state(self) -> dict[str, Any]:
+        return read_state(self.disk)
+
+    def journal(self) -> list[dict[str, Any]]:
+        return read_journal(self.disk)
+
+
+def events(journal: list[dict[str, Any]], event: str) -> list[dict[str, Any]]:
+    """The daemon's journal entries for one event (its EVENT field)."""
+    return [
+        entry
+        for entry in journal
+        if entry.get("SYSLOG_IDENTIFIER") == "organixmd" and entry.get("EVENT") == event
+    ]
+
+
+def failed_versions(state: dict[str, Any]) -> dict[str, str]:
+    """Version -> reason of every release the daemon remembers as failed."""
+    return {item["release"]["version"]: item["reason"] for item in state["failed"]}
+
+
+def said(serial: str, event: str) -> list[str]:
+    """The daemon's journal lines for ``event`` as the serial console showed them."""
+    return re.findall(rf"organixmd\[\d+\]: {re.escape(event)}\b.*", serial)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import boto3
 import pytest
 
 from tests.support.s3 import REGION, MotoServer, start_moto
+
+if TYPE_CHECKING:
+    from tests.test_slots import LoopDevices
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +45,15 @@ def s3_bucket(moto: MotoServer) -> str:
     )
     client.create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+def loops(tmp_path: Path) -> Iterator[LoopDevices]:
+    """Loop devices (and mounts on them) a test makes; all undone afterwards."""
+    from tests.test_slots import LoopDevices
+
+    devices = LoopDevices(tmp_path)
+    try:
+        yield devices
+    finally:
+        devices.close()

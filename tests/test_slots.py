@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -63,15 +62,6 @@ class LoopDevices:
             subprocess.run(["umount", str(where)], check=False)
         for device in reversed(self.devices):
             subprocess.run(["losetup", "-d", str(device)], check=False)
-
-
-@pytest.fixture
-def loops(tmp_path: Path) -> Iterator[LoopDevices]:
-    devices = LoopDevices(tmp_path)
-    try:
-        yield devices
-    finally:
-        devices.close()
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,7 @@ from tests.faults.test_network import (
     CHECK_LIMIT,
     flipped_onto_bad_data,
     installed_since,
+    staged_problem,
     update_with_organixctl,
 )
 from tests.support.daemon import (
@@ -276,17 +277,8 @@ def drive(
             row.stuck += 1
             problems.append(f"{name}: no verdict within {CHECK_LIMIT} s after the fault")
             continue
-        if (
-            verdict["outcome"] != "staged"
-            or verdict["code"] != "staged"
-            or verdict["release"]["sha256"] != target.meta.image.sha256
-        ):
-            row.stuck += 1
-            problems.append(f"{name}: the update after the fault did not stage: {verdict}")
-            continue
-        if flipped_onto_bad_data(host):
-            row.flips_on_bad_data += 1
-            problems.append(f"{name}: staged slot b does not hold the verified release")
+        if (problem := staged_problem(row, host, verdict, target)) is not None:
+            problems.append(f"{name}: {problem}")
             continue
         if host.boot_state().next_slot != "b":
             problems.append(f"{name}: staged, but GRUB would not try slot b next")

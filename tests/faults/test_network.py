@@ -180,6 +180,24 @@ def flipped_onto_bad_data(host: Host) -> bool:
     return bool(sha256_file(host.slots["b"], release["size"]) != release["sha256"])
 
 
+def staged_problem(
+    row: Row, host: Host, verdict: dict[str, Any], target: BuiltRelease
+) -> str | None:
+    """After the fault is lifted the update must stage ``target`` onto verified bytes; what
+    went wrong otherwise (counted in ``row`` as stuck or a flip onto bad data)."""
+    if (
+        verdict["outcome"] != "staged"
+        or verdict["code"] != "staged"
+        or verdict["release"]["sha256"] != target.meta.image.sha256
+    ):
+        row.stuck += 1
+        return f"the update after the fault did not stage: {verdict}"
+    if flipped_onto_bad_data(host):
+        row.flips_on_bad_data += 1
+        return "staged slot b does not hold the verified release"
+    return None
+
+
 def installed_since(host: Host, since: datetime) -> str | None:
     """The detail of the last install recorded after ``since`` (None: no install since)."""
     installed = [h for h in host.state()["history"] if h["event"] == "installed"]
@@ -283,16 +301,8 @@ def run_row(
                 row.stuck += 1
                 problems.append(f"{name}: no verdict within {CHECK_LIMIT} s after the fault")
                 break
-        if (
-            verdict["outcome"] != "staged"
-            or verdict["release"]["sha256"] != target.meta.image.sha256
-        ):
-            row.stuck += 1
-            problems.append(f"{name}: the update after the fault did not stage: {verdict}")
-            continue
-        if flipped_onto_bad_data(host):
-            row.flips_on_bad_data += 1
-            problems.append(f"{name}: staged slot b does not hold the verified release")
+        if (problem := staged_problem(row, host, verdict, target)) is not None:
+            problems.append(f"{name}: {problem}")
             continue
         detail = installed_since(host, began)
         expected_resume = 0 if case.replace else resume_at

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-
-import pytest
 
 from tests.faults.report import FaultReport, Row, count_tracebacks
 from tests.support.daemon import DaemonProcess, Host, make_images, prepare_host
@@ -26,15 +24,6 @@ from tests.support.releases import build_release
 from tests.test_slots import LoopDevices, device_hash
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def loops(tmp_path: Path) -> Iterator[LoopDevices]:
-    devices = LoopDevices(tmp_path)
-    try:
-        yield devices
-    finally:
-        devices.close()
 
 
 def _digest(path: Path) -> str:

@@ -80,6 +80,10 @@ class InstallResult:
     resumed_from: int
     #: The stream alone: download, chunk checks and writes, before the read-back.
     stream_seconds: float = 0.0
+    #: Bytes of the image copied from this host's own slots (a delta install).
+    reused: int = 0
+    #: Requests made for the image (a delta install makes many ranged ones).
+    requests: int = 1
 
 
 ProgressCallback = Callable[[Progress], None]

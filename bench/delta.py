@@ -45,13 +45,14 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from organixmd import delta  # noqa: E402
-from organixmd.config import SourceConfig  # noqa: E402
-from organixmd.meta import Release, parse_meta  # noqa: E402
-from organixmd.pipeline import Installer  # noqa: E402
-from organixmd.publish import PublishRequest, publish  # noqa: E402
-from organixmd.sources import open_source  # noqa: E402
-from tests.support.nginx import start_nginx  # noqa: E402
+from organixmd import delta
+from organixmd.config import SourceConfig
+from organixmd.meta import Release, parse_meta
+from organixmd.pipeline import Installer
+from organixmd.publish import PublishRequest, publish
+from organixmd.sources import open_source
+from tests.support.nginx import start_nginx
+from tests.support.throttle import Throttle
 
 MiB = 1024 * 1024
 CHUNK = 4 * MiB
@@ -209,7 +210,7 @@ async def delta_install(
         )
         if prepared.plan is None:
             # What the engine does then: the whole image.
-            seconds, downloaded = await full_install(url, release, slot_b)
+            _, downloaded = await full_install(url, release, slot_b)
             total = time.monotonic() - started
             return total, downloaded + prepared.index_bytes, 2, 0, 0.0, prepared.reason
         installer = delta.DeltaInstaller(
@@ -244,22 +245,45 @@ def publish_release(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a 256 MiB image")
+    parser.add_argument(
+        "--link",
+        type=float,
+        default=100.0,
+        metavar="MBIT",
+        help="also install through one shared link of this many Mbit/s (default 100; 0: no)",
+    )
     args = parser.parse_args()
     size = 256 * MiB if args.quick else 1024 * MiB
     work = Path(tempfile.mkdtemp(prefix="organixm-delta-bench-"))
     try:
-        return run(work, size)
+        return run(work, size, args.link)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run(work: Path, size: int) -> int:
+@dataclass
+class Row:
+    case: Case
+    full_bytes: int
+    full_seconds: float
+    seconds: float
+    downloaded: int
+    requests: int
+    reused: int
+    scan: float
+    ideal: int
+    why: str
+    #: Through the shared link (0 when not measured).
+    link_full: float
+    link_delta: float
+
+
+def run(work: Path, size: int, link_mbit: float) -> int:
     budget = int(size * 0.68)
-    pool = candidates()
     chosen: list[Path] = []
-    total = 0
     rest: list[Path] = []
-    for path in pool:
+    total = 0
+    for path in candidates():
         length = path.stat().st_size
         if total + length <= budget:
             chosen.append(path)
@@ -276,10 +300,23 @@ def run(work: Path, size: int) -> int:
     plain = publish_release(old, www / "cost-plain", "1", 1, with_delta=False)
     with_index = publish_release(old, www / "host", "1", 1, with_delta=True)
     server = start_nginx(www, work / "nginx")
+    link = Throttle(server.port, shared=True)
+    link.rate = link_mbit * 1e6 / 8 if link_mbit else None
     slot_a = work / "slot-a.img"
     shutil.copyfile(old, slot_a)
     slot_b = work / "slot-b.img"
-    rows = []
+    rows: list[Row] = []
+
+    def measure(
+        url: str, release: Release
+    ) -> tuple[float, tuple[float, int, int, int, float, str]]:
+        zero_file(slot_b, size)
+        full_seconds, _ = asyncio.run(full_install(url, release, slot_b))
+        zero_file(slot_b, size)
+        drop_cache(slot_a)
+        drop_cache(slot_b)
+        return full_seconds, asyncio.run(delta_install(url, release, slot_a, slot_b, size))
+
     try:
         for serial, case in enumerate(CASES, start=2):
             tree = work / f"tree-{case.name}"
@@ -291,63 +328,71 @@ def run(work: Path, size: int) -> int:
             shutil.rmtree(tree)
             name = www / f"case-{case.name}"
             publish_release(image, name, str(serial), serial, with_delta=True)
+            image.unlink()
             release = parse_meta(Path(f"{name}.meta").read_bytes(), source=f"{name}.meta")
             assert release.image is not None
             full_bytes = release.image.compressed_size
-            url = f"{server.url}/case-{case.name}"
-            zero_file(slot_b, size)
-            full_seconds, full_downloaded = asyncio.run(full_install(url, release, slot_b))
-            zero_file(slot_b, size)
-            drop_cache(slot_a)
-            drop_cache(slot_b)
-            seconds, downloaded, requests, reused, scan, why = asyncio.run(
-                delta_install(url, release, slot_a, slot_b, size)
+            full_seconds, (seconds, downloaded, requests, reused, scan, why) = measure(
+                f"{server.url}/case-{case.name}", release
             )
-            rows.append(
-                (
-                    case,
-                    full_bytes,
-                    full_seconds,
-                    full_downloaded,
-                    seconds,
-                    downloaded,
-                    requests,
-                    reused,
-                    scan,
-                    ideal,
-                    why,
-                )
+            link_full = link_delta = 0.0
+            if link_mbit:
+                link_full, slow = measure(f"{link.url}/case-{case.name}", release)
+                link_delta = slow[0]
+            row = Row(
+                case,
+                full_bytes,
+                full_seconds,
+                seconds,
+                downloaded,
+                requests,
+                reused,
+                scan,
+                ideal,
+                why,
+                link_full,
+                link_delta,
             )
-            image.unlink()
+            rows.append(row)
             print(
                 f"case {case.name} ({case.what}): delta {downloaded / MiB:.1f} MiB of a "
                 f"{full_bytes / MiB:.1f} MiB image ({downloaded / full_bytes:.1%}), "
                 f"{requests} requests, {reused / MiB:.0f} MiB reused, scan {scan:.1f} s; "
-                f"delta {seconds:.1f} s vs full {full_seconds:.1f} s"
+                f"delta {seconds:.1f} s vs full {full_seconds:.1f} s on loopback"
+                + (f", {link_delta:.1f} s vs {link_full:.1f} s on the link" if link_mbit else "")
                 + (f"; fell back to the full image: {why}" if why else ""),
                 flush=True,
             )
     finally:
+        link.close()
         server.stop()
     print()
+    on_link = f"on {link_mbit:g} Mbit/s" if link_mbit else "on a link (not measured)"
     print(
-        "| case | change | downloaded / full image | requests | reused | delta time / full "
-        "install | rsync-style ideal / full image |"
+        "| case | change | downloaded / full image | requests | reused | delta / full install, "
+        f"loopback | delta / full install, {on_link} | rsync-style ideal / full image |"
     )
-    print("|---|---|---|---|---|---|---|")
-    for case, full_bytes, full_s, _, seconds, downloaded, requests, reused, _, ideal, why in rows:
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        note = f" (full image: {row.why})" if row.why else ""
+        on_the_link = (
+            f"{row.link_delta / row.link_full:.2f} ({row.link_delta:.1f} s / {row.link_full:.1f} s)"
+            if row.link_full
+            else "-"
+        )
         print(
-            f"| {case.name} | {case.what}{' (full image: ' + why + ')' if why else ''} | "
-            f"{downloaded / full_bytes:.3f} ({downloaded / MiB:.1f} of {full_bytes / MiB:.1f} MiB) | "
-            f"{requests} | {reused / MiB:.0f} MiB | {seconds / full_s:.2f} ({seconds:.1f} s / "
-            f"{full_s:.1f} s) | {ideal / full_bytes:.3f} ({ideal / MiB:.1f} MiB) |"
+            f"| {row.case.name} | {row.case.what}{note} | "
+            f"{row.downloaded / row.full_bytes:.3f} ({row.downloaded / MiB:.1f} of "
+            f"{row.full_bytes / MiB:.1f} MiB) | {row.requests} | {row.reused / MiB:.0f} MiB | "
+            f"{row.seconds / row.full_seconds:.2f} ({row.seconds:.1f} s / "
+            f"{row.full_seconds:.1f} s) | {on_the_link} | {row.ideal / row.full_bytes:.3f} "
+            f"({row.ideal / MiB:.1f} MiB) |"
         )
     print()
-    by_name = {row[0].name: row for row in rows}
+    by_name = {row.case.name: row for row in rows}
     b, d = by_name["b"], by_name["d"]
-    b_share = b[5] / b[1]
-    b_time = b[4] / b[2]
-    d_cost = d[5] / d[1]
+    b_share = b.downloaded / b.full_bytes
+    d_cost = d.downloaded / d.full_bytes
     print(
         f"publish with the delta index / without: {with_index / plain:.2f} "
         f"({with_index:.1f} s / {plain:.1f} s)"
@@ -356,10 +401,14 @@ def run(work: Path, size: int) -> int:
         f"case b downloads {b_share:.1%} of a full image (target <= 15 %): "
         f"{'met' if b_share <= 0.15 else 'NOT met'}"
     )
-    print(
-        f"case b delta time / full install {b_time:.2f} (target <= 1.0): "
-        f"{'met' if b_time <= 1.0 else 'NOT met'}"
-    )
+    ratios = [("loopback", b.seconds / b.full_seconds)]
+    if b.link_full:
+        ratios.append((on_link, b.link_delta / b.link_full))
+    for label, ratio in ratios:
+        print(
+            f"case b delta time / full install, {label}: {ratio:.2f} (target <= 1.0): "
+            f"{'met' if ratio <= 1.0 else 'NOT met'}"
+        )
     print(
         f"case d downloads {d_cost:.3f} x a full image (target <= 1.05): "
         f"{'met' if d_cost <= 1.05 else 'NOT met'}"

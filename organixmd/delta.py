@@ -486,9 +486,19 @@ class Plan:
     zero_bytes: int
     fetch_bytes: int
 
+    #: Bytes reused by the chunks before each chunk from ``start_chunk`` on.
+    reused_before: list[int] = field(default_factory=list)
+
     @property
     def requests(self) -> int:
         return len(self.fetches)
+
+    def reused_until(self, chunk: int) -> int:
+        """Bytes copied from local slots by the chunks from ``start_chunk`` to ``chunk``."""
+        index = chunk - self.start_chunk
+        if index >= len(self.reused_before):
+            return self.reused_bytes
+        return self.reused_before[index]
 
 
 def make_plan(local: LocalBlocks, chunk_size: int, start_chunk: int) -> Plan:
@@ -501,7 +511,9 @@ def make_plan(local: LocalBlocks, chunk_size: int, start_chunk: int) -> Plan:
     needed: list[int] = []
     reused = zeros = 0
     last_frame = -1
+    reused_before: list[int] = []
     for chunk in range(start_chunk, chunks):
+        reused_before.append(reused)
         frames: list[int] = []
         for number in range(chunk * per_chunk, min((chunk + 1) * per_chunk, index.blocks)):
             length = min(BLOCK_SIZE, index.image_size - number * BLOCK_SIZE)
@@ -527,6 +539,7 @@ def make_plan(local: LocalBlocks, chunk_size: int, start_chunk: int) -> Plan:
         reused_bytes=reused,
         zero_bytes=zeros,
         fetch_bytes=sum(fetch.length for fetch in fetches),
+        reused_before=reused_before,
     )
 
 
@@ -766,7 +779,11 @@ class DeltaInstaller:
                 if self.on_progress is not None:
                     self.on_progress(
                         Progress(
-                            done_bytes, image.size, frames.downloaded + extra_downloaded, started
+                            done_bytes,
+                            image.size,
+                            frames.downloaded + extra_downloaded,
+                            started,
+                            reused=self.plan.reused_until(number + 1),
                         )
                     )
             await written()

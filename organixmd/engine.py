@@ -114,6 +114,9 @@ class LiveProgress:
     bytes_done: int
     bytes_total: int
     rate: float
+    #: Compressed bytes fetched so far, and image bytes copied from local slots.
+    downloaded: int = 0
+    reused: int = 0
 
     @property
     def eta(self) -> float | None:
@@ -562,13 +565,20 @@ class Engine:
 
     def _on_progress(self, progress: Progress) -> None:
         self.progress = LiveProgress(
-            self.phase, progress.bytes_done, progress.bytes_total, progress.rate
+            self.phase,
+            progress.bytes_done,
+            progress.bytes_total,
+            progress.rate,
+            progress.downloaded,
+            progress.reused,
         )
         self._emit(
             "progress",
             bytes_done=progress.bytes_done,
             bytes_total=progress.bytes_total,
             rate=round(progress.rate),
+            downloaded=progress.downloaded,
+            reused=progress.reused,
         )
 
     async def _install(

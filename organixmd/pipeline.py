@@ -63,6 +63,8 @@ class Progress:
     bytes_total: int
     downloaded: int
     started: float
+    #: Of ``bytes_done``: bytes copied from this host's own slots (a delta install).
+    reused: int = 0
 
     @property
     def rate(self) -> float:

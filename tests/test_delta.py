@@ -30,7 +30,14 @@ from organixmd.minisign import SecretKey
 from organixmd.publish import PublishRequest, publish
 from organixmd.s3client import S3Settings
 from organixmd.sources import open_source
-from tests.support.daemon import SLOT_SIZE, DaemonProcess, Host, prepare_host, request
+from tests.support.daemon import (
+    SLOT_SIZE,
+    DaemonProcess,
+    Host,
+    organixctl,
+    prepare_host,
+    request,
+)
 from tests.support.images import make_ext4_image, populate_tree
 from tests.support.nginx import Nginx, start_nginx
 from tests.support.s3 import MotoServer
@@ -111,11 +118,19 @@ def installed_entry(host: Host) -> dict[str, Any]:
 
 def run_boot_check(host: Host, **extra: Any) -> tuple[dict[str, Any], str]:
     """Start the daemon (its boot-time check installs what is published), wait for
-    READY; the status then and the daemon's log."""
+    READY; the status then (with the metrics text under "metrics") and the daemon's log."""
     with DaemonProcess(host, **extra).start(timeout=120) as daemon:
         status = request(host.socket, "GET", "/v1/status").json()
+        status["metrics"] = request(host.socket, "GET", "/metrics").body.decode()
         daemon.stop()
         return status, daemon.output()
+
+
+def metric(status: dict[str, Any], name: str) -> float:
+    for line in status["metrics"].splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name} in /metrics")
 
 
 def log_events(output: str, event: str) -> list[dict[str, Any]]:
@@ -160,6 +175,8 @@ def assert_delta_installed(
     downloaded = int(done[0]["downloaded"])
     assert 0 < downloaded < 0.4 * meta.image.compressed_size, (downloaded, meta.image)
     assert int(done[0]["reused"]) > IMAGE // 3, done
+    assert metric(status, "organixm_reused_bytes_total") == int(done[0]["reused"])
+    assert metric(status, "organixm_downloaded_bytes_total") == downloaded
     return downloaded
 
 
@@ -302,7 +319,13 @@ def test_killed_delta_install_resumes(tmp_path: Path, images: Images) -> None:
                 break
             assert time.monotonic() < deadline, victim.output()[-3000:]
             time.sleep(0.05)
+        live = request(host.socket, "GET", "/v1/status").json()["progress"]
+        shown = organixctl("status", socket_path=host.socket)
         victim.kill9()
+        # The first half of 2.0 came from slot b itself (it was there already).
+        assert live["reused"] > 0, live
+        assert live["downloaded"] > 0, live
+        assert "reused locally" in shown.stdout, shown.stdout
         checkpoint = host.state()["progress"]["chunks_done"]
         assert 0 < checkpoint < len(meta.image.chunks)
         status, _ = run_boot_check(host)

@@ -34,6 +34,7 @@ import os
 import time
 from array import array
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -400,14 +401,10 @@ class LocalBlocks:
                 position = (position + 1) & mask
             return -1
 
-        for slot, at, keep_first in (
-            (self.stable, self.stable_at, True),
-            (self.target, self.target_at, False),
-        ):
-            if slot is None:
-                continue
+        def read(slot: LocalSlot, at: array[int], keep_first: bool) -> int:
+            scanned = 0
             for block, key in _slot_keys(slot):
-                self.scanned_bytes += BLOCK_SIZE
+                scanned += BLOCK_SIZE
                 if key == ZERO_KEY:
                     continue
                 number = first(key)
@@ -415,6 +412,20 @@ class LocalBlocks:
                 # stays valid for the most chunks.
                 if number >= 0 and (not keep_first or at[number] < 0):
                     at[number] = block
+            return scanned
+
+        # Both slots at once, so their reads overlap (a thread waiting for its device
+        # holds no lock); each thread writes only its own array.
+        work = [
+            (slot, at, keep_first)
+            for slot, at, keep_first in (
+                (self.stable, self.stable_at, True),
+                (self.target, self.target_at, False),
+            )
+            if slot is not None
+        ]
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="delta-scan") as pool:
+            self.scanned_bytes = sum(pool.map(lambda job: read(*job), work))
         self.seconds = time.monotonic() - started
 
     def source(self, number: int) -> tuple[LocalSlot, int] | None:

@@ -148,12 +148,15 @@ def change_add_remove(files: list[Path], tree: Path, spare: list[Path]) -> list[
 
 
 def rewrite_largest(files: list[Path], tree: Path, spare: list[Path]) -> list[Path]:
+    """New bytes for the largest file: its own blocks in a shuffled order, each with a
+    changed first byte (compressible like the original, but no block is on the host)."""
     largest = max(files, key=lambda p: p.stat().st_size)
-    size = largest.stat().st_size
-    # New bytes of the same kind: another file's content, cut or repeated to the size.
-    donor = max((p for p in spare if p.stat().st_size > 0), key=lambda p: p.stat().st_size)
-    data = donor.read_bytes()
-    largest.write_bytes((data * (size // len(data) + 1))[:size])
+    data = bytearray(largest.read_bytes())
+    blocks = [data[o : o + 4096] for o in range(0, len(data), 4096)]
+    random.Random(3).shuffle(blocks)
+    for block in blocks:
+        block[0] ^= 0xA5
+    largest.write_bytes(b"".join(blocks))
     return [largest]
 
 

@@ -344,8 +344,9 @@ class LocalBlocks:
     Two slots are read: ``stable`` (the booted slot, never written) and ``target``
     (the slot being written). A block of ``target`` is a source only for a chunk at
     or before its own: the install writes chunks in order, so it is still the old
-    block when that chunk is assembled. Memory: 28 bytes per block of the new image
-    (e.g. 28 MiB for a 4 GiB image), 20 after the scan.
+    block when that chunk is assembled. Memory, by construction: 8 bytes of key and
+    12 of locations per block of the new image, plus a lookup table of 8 to 16 bytes
+    per block during the scan (28 to 36 MiB for a 4 GiB image).
     """
 
     def __init__(

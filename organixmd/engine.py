@@ -666,7 +666,7 @@ class Engine:
             self.slots[target].path,
             buffers=self.config.install.buffers,
             readback=self.config.install.readback,
-            on_verify=lambda: self._set_phase(Phase.VERIFYING),
+            on_stream_end=lambda: self._set_phase(Phase.VERIFYING),
             on_progress=self._on_progress,
             on_checkpoint=on_checkpoint if release.resumable else None,
             checkpoint_interval=self.config.install.checkpoint_interval,

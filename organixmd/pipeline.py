@@ -1,15 +1,18 @@
 """The install pipeline: network → decompress → hash → write at offset → read back.
 
-Four stages overlap::
+Five stages overlap::
 
-    event loop             worker thread 1         worker thread 2       worker thread 3
-    read frame i from  →   decompress into an  →   check chunk i's   →   fsync what is written,
-    the network            aligned buffer          SHA-256 against       read it back with
-    (bounded by            (output bounded by      the meta, then        O_DIRECT and feed the
-    semaphores)            the buffer)             O_DIRECT pwrite at    whole-image SHA-256,
-                                                   i * chunk_size        in order
+    event loop        thread 1          thread 2          thread 3         thread 4
+    read frame i  →   decompress    →   check chunk   →   O_DIRECT     →   fsync what is
+    from the          into an           i's SHA-256       pwrite at        written, read it
+    network           aligned buffer    against the       i * chunk_size   back (O_DIRECT)
+    (bounded by       (output bounded   meta                               and feed the
+    semaphores)       by the buffer)                                       whole-image SHA-256
 
-The read-back runs inside the stream (thread 3, :class:`_ReadBack`): each batch of
+Hashing and writing are separate threads so that a chunk's SHA-256 runs while the
+previous chunk's write waits for the device.
+
+The read-back runs inside the stream (thread 4, :class:`_ReadBack`): each batch of
 written chunks is made durable and read back from the device while later chunks
 are still downloading and decompressing, instead of a second pass over the slot.
 Each byte is hashed once for its chunk (before its write) and once, as the device
@@ -19,12 +22,13 @@ at most ``READBACK_LAG`` bytes; when the last chunk is written only that tail is
 left (the engine shows "verifying" then).
 
 Without a read-back, thread 2 feeds the whole-image SHA-256 of the stream instead
-and the chunk check moves to thread 1, so the two hashes run in different threads.
+and the chunk check moves to thread 1, so the two hashes run in different threads
+(and thread 4 does not run).
 
 Memory is bounded by configuration, not by image size (invariant 6): at most
 ``buffers`` chunks are in flight, each holding one compressed frame and one
 page-aligned output buffer that is reused, plus the read-back's two read buffers.
-The semaphore that admits a chunk is released only after thread 2 has returned the
+The semaphore that admits a chunk is released only after thread 3 has returned the
 chunk's buffer to the pool, so thread 1 never waits for a buffer while a permit is
 held; a second one holds the network back while the read-back trails too far.
 
@@ -142,7 +146,13 @@ class _Aborted(Exception):
 
 
 class _Stages:
-    """The two worker-thread stages and the buffer pool they share."""
+    """The hashing and the writing worker-thread stages and the buffer pool they share.
+
+    The decompressing stage (one per format, see :class:`Installer`) feeds
+    ``to_hash``; the hashing stage checks and hashes, then hands the buffer to the
+    writing stage, so a chunk's SHA-256 runs while the previous chunk's write waits
+    for the device.
+    """
 
     def __init__(
         self,
@@ -159,6 +169,7 @@ class _Stages:
         self.writer = writer
         self.abort = threading.Event()
         self.to_decompress: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.to_hash: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.to_write: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.pool: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
         self._all_buffers = [aligned_buffer(buffer_size) for _ in range(buffers)]
@@ -184,18 +195,18 @@ class _Stages:
             self.abort.set()
             self.loop.call_soon_threadsafe(self.on_failure, exc)
 
-    def write_stage(self) -> None:
-        """Thread 2: check the chunk's SHA-256 (if asked), whole-image hash in order, write.
+    def hash_stage(self) -> None:
+        """Thread 2: check the chunk's SHA-256 (if asked) and feed the whole-image hash.
 
         Every chunk is checked before its write, in whichever thread balances the
         CPU work (see ``_run_chunked``). Runs in a worker thread.
         """
         try:
             while True:
-                item = self.to_write.get()
+                item = self.to_hash.get()
                 if item is _STOP or self.abort.is_set():
                     return
-                index, offset, buffer, length, check = item
+                index, _, buffer, length, check = item
                 view = memoryview(buffer)
                 try:
                     if check is not None:
@@ -203,6 +214,20 @@ class _Stages:
                     self.hasher.update(view[:length])
                 finally:
                     view.release()
+                self.to_write.put(item)
+        except BaseException as exc:
+            self.fail(exc)
+        finally:
+            self.to_write.put(_STOP)
+
+    def write_stage(self) -> None:
+        """Thread 3: O_DIRECT write of each checked chunk at its offset, in order."""
+        try:
+            while True:
+                item = self.to_write.get()
+                if item is _STOP or self.abort.is_set():
+                    return
+                index, offset, buffer, length, _ = item
                 self.writer.write(offset, buffer, length)
                 self.pool.put(buffer)
                 if self.readback is not None:
@@ -215,9 +240,10 @@ class _Stages:
                 self.readback.end()
 
     def start(self, decompress_stage: Callable[[], None]) -> list[asyncio.Future[None]]:
-        """Run the decompressing stage and the writing stage in worker threads."""
+        """Run the decompressing, hashing and writing stages in worker threads."""
         return [
             self.loop.run_in_executor(None, decompress_stage),
+            self.loop.run_in_executor(None, self.hash_stage),
             self.loop.run_in_executor(None, self.write_stage),
         ]
 
@@ -233,7 +259,7 @@ class _Stages:
 
 
 class _ReadBack:
-    """Thread 3: reads each written chunk back from the device while the stream goes on.
+    """Thread 4: reads each written chunk back from the device while the stream goes on.
 
     The writer reports every write (in order, so what is written is a prefix of the
     slot). This stage takes everything written since its last round as one batch,
@@ -594,9 +620,9 @@ class Installer:
             stages.readback = readback
             readback_future = loop.run_in_executor(None, self._readback_stage, stages, readback)
 
-        # Balance the two workers: the chunk hash goes to the writer, unless the writer
-        # already hashes the whole image (no read-back), then beside the decompression.
-        check_in_writer = inline_readback
+        # Balance the workers: the chunk hash goes to the hashing stage, unless that stage
+        # hashes the whole image (no read-back), then beside the decompression.
+        check_in_hash_stage = inline_readback
 
         def check_chunk(index: int, digest: str) -> None:
             if digest != image.chunks[index].sha256:
@@ -623,23 +649,23 @@ class Installer:
                         filled = _decompress_frame(
                             dctx, frame, view, expected, where, index, image.chunks[index].offset
                         )
-                        if not check_in_writer:
+                        if not check_in_hash_stage:
                             check_chunk(index, hashlib.sha256(view[:filled]).hexdigest())
                     finally:
                         view.release()
-                    stages.to_write.put(
+                    stages.to_hash.put(
                         (
                             index,
                             index * image.chunk_size,
                             buffer,
                             filled,
-                            check_chunk if check_in_writer else None,
+                            check_chunk if check_in_hash_stage else None,
                         )
                     )
             except BaseException as exc:
                 stages.fail(exc)
             finally:
-                stages.to_write.put(_STOP)
+                stages.to_hash.put(_STOP)
 
         futures = stages.start(decompress_stage)
         stream: ByteStream | None = None
@@ -685,7 +711,7 @@ class Installer:
         return etag
 
     def _readback_stage(self, stages: _Stages, readback: _ReadBack) -> None:
-        """Thread 3 (see :class:`_ReadBack`); a failure stops every stage."""
+        """Thread 4 (see :class:`_ReadBack`); a failure stops every stage."""
         try:
             readback.run()
         except _Aborted:
@@ -731,7 +757,7 @@ class Installer:
                         if filled == 0:
                             stages.pool.put(buffer)
                             break
-                        stages.to_write.put((index, position, buffer, filled, None))
+                        stages.to_hash.put((index, position, buffer, filled, None))
                         position += filled
                         index += 1
                 if position != size:
@@ -741,7 +767,7 @@ class Installer:
             except BaseException as exc:
                 stages.fail(exc)
             finally:
-                stages.to_write.put(_STOP)
+                stages.to_hash.put(_STOP)
 
         futures = stages.start(decompress_stage)
         stream: ByteStream | None = None

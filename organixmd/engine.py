@@ -26,12 +26,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from uuid import uuid4
 
 import structlog
 
-from organixmd import minisign
 from organixmd.blockio import hash_device
 from organixmd.config import Config
 from organixmd.errors import (
@@ -49,7 +48,6 @@ from organixmd.errors import (
 from organixmd.hostlock import HostLock
 from organixmd.logsetup import get_logger
 from organixmd.meta import Release, parse_meta
-from organixmd.pipeline import Installer, Progress
 from organixmd.slots import SlotName, booted_slot, check_target, other, slot_paths
 from organixmd.sources import Source, open_source
 from organixmd.state import (
@@ -64,6 +62,12 @@ from organixmd.state import (
 from organixmd.state import (
     Progress as Checkpoint,
 )
+
+if TYPE_CHECKING:
+    # The idle daemon never needs these: the install pipeline (zstandard) is imported
+    # at the first install, minisign (cryptography) only when keys are configured.
+    from organixmd import minisign
+    from organixmd.pipeline import Installer, Progress
 
 #: Verdicts decided by the meta (and what this boot runs) alone: an unchanged meta gives
 #: the same answer, so the next poll may ask conditionally. Any other blocked verdict
@@ -147,6 +151,10 @@ def release_ref(release: Release) -> ReleaseRef:
 def load_public_keys(config: Config) -> list[minisign.PublicKey]:
     """The trusted keys of the configuration; a bad key stops start-up (ConfigError)."""
     keys: list[minisign.PublicKey] = []
+    if not (config.source.public_keys or config.source.public_key_files):
+        return keys
+    from organixmd import minisign
+
     for index, text in enumerate(config.source.public_keys):
         try:
             keys.append(minisign.PublicKey.parse(text))
@@ -412,6 +420,8 @@ class Engine:
                 f"{source.signature_url}: no signature, and trusted keys are configured; "
                 "refusing the unsigned meta"
             )
+        from organixmd import minisign
+
         minisign.verify(meta, signature.data, self.public_keys)
 
     async def _identify_booted(self, booted: SlotName, release: Release) -> None:
@@ -575,6 +585,8 @@ class Engine:
             # Written and verified by an earlier run whose flip did not happen (crash,
             # boot control error): verify again from the device, then flip; no download.
             self._set_phase(Phase.VERIFYING)
+            from organixmd.pipeline import Installer
+
             await Installer(release, source, self.slots[target].path).verify_on_device()
             return await self._stage(release, ref, target, log)
         start, etag = self._resume_point(release, ref, target, image_url)
@@ -660,6 +672,8 @@ class Engine:
         source: Source,
         on_checkpoint: Callable[[int, str | None], Awaitable[None]],
     ) -> Installer:
+        from organixmd.pipeline import Installer
+
         return Installer(
             release,
             source,

@@ -26,8 +26,9 @@ and the chunk check moves to thread 1, so the two hashes run in different thread
 (and thread 4 does not run).
 
 Memory is bounded by configuration, not by image size (invariant 6): at most
-``buffers`` chunks are in flight, each holding one compressed frame and one
-page-aligned output buffer that is reused, plus the read-back's two read buffers.
+``buffers`` chunks are in flight (fewer when chunks are large: ``INFLIGHT_BYTES``),
+each holding one compressed frame and one page-aligned output buffer that is
+reused, plus the read-back's two read buffers.
 The semaphore that admits a chunk is released only after thread 3 has returned the
 chunk's buffer to the pool, so thread 1 never waits for a buffer while a permit is
 held; a second one holds the network back while the read-back trails too far.
@@ -77,6 +78,9 @@ CHECKPOINT_INTERVAL = 1.0
 #: read-back reads the device into buffers of its own), and a longer lag means fewer,
 #: larger fsync-then-read batches.
 READBACK_LAG = 64 * 1024 * 1024
+#: Output buffers in flight never hold more than this (or two chunks, if larger):
+#: ``buffers`` large chunks would otherwise make memory grow with the chunk size.
+INFLIGHT_BYTES = 32 * 1024 * 1024
 
 _STOP = object()
 
@@ -364,7 +368,7 @@ class Installer:
         source: Source,
         slot_path: Path | None,
         *,
-        buffers: int = 8,
+        buffers: int = 4,
         readback: bool = True,
         on_progress: ProgressCallback | None = None,
         on_checkpoint: CheckpointCallback | None = None,
@@ -573,13 +577,14 @@ class Installer:
         image = self.release.image
         assert image is not None  # noqa: S101 - checked by the caller
         loop = asyncio.get_running_loop()
-        self._permits = asyncio.Semaphore(self.buffers)
-        self._wake = [(self._permits, self.buffers)]
+        buffers = max(2, min(self.buffers, INFLIGHT_BYTES // image.chunk_size))
+        self._permits = asyncio.Semaphore(buffers)
+        self._wake = [(self._permits, buffers)]
         self._last_checkpoint = time.monotonic()
         stages = _Stages(
             loop,
             writer,
-            self.buffers,
+            buffers,
             image.chunk_size,
             self._chunk_done,
             self._fail,
@@ -596,7 +601,7 @@ class Installer:
                 stages.close()
                 raise slot_error(f"cannot open slot {self.slot_path} to read it back", exc) from exc
             # The read-back trails the writes by at most this many chunks.
-            lag_chunks = max(self.buffers, READBACK_LAG // image.chunk_size)
+            lag_chunks = max(buffers, READBACK_LAG // image.chunk_size)
             lag = asyncio.Semaphore(lag_chunks)
             self._wake.append((lag, lag_chunks))
             verified = start_chunk

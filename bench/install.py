@@ -180,9 +180,16 @@ def republish(base: Published, chunk: int) -> Published:
 # --------------------------------------------------------------------------- measurements
 
 
+def settle() -> None:
+    """Write back every dirty page first: a figure must not pay for the previous one's
+    writes (a downloaded file, say, still on its way to the disk)."""
+    os.sync()
+
+
 def timed(command: list[str] | str, **kwargs: Any) -> float:
     """Seconds one command takes (a string runs under ``bash -c``); it must succeed."""
     argv = ["bash", "-c", f"set -euo pipefail; {command}"] if isinstance(command, str) else command
+    settle()
     started = time.monotonic()
     subprocess.run(argv, check=True, **kwargs)
     return time.monotonic() - started
@@ -191,6 +198,8 @@ def timed(command: list[str] | str, **kwargs: Any) -> float:
 def aiohttp_download(url: str) -> float:
     """Seconds for one GET of ``url`` with aiohttp, the body read and discarded."""
     import aiohttp
+
+    settle()
 
     async def fetch() -> float:
         async with aiohttp.ClientSession(auto_decompress=False) as session:
@@ -329,6 +338,7 @@ readback = true
 {extra}
 """
     )
+    settle()
     done = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--child", str(config)],
         capture_output=True,

@@ -1,29 +1,39 @@
-"""Install benchmark: a 1 GiB real ext4 image from nginx and from moto's S3 into a slot.
+"""Install benchmark: organixmd's install against every stage alone and the best shell pipeline.
 
-Prints, in one run, for the same servers on 127.0.0.1:
+Prints, in one run, on the same real ext4 image, the same servers on 127.0.0.1
+(nginx, moto's S3) and the same slot kinds (a preallocated file and, as root, a
+loop device):
 
-- the raw download rate (aiohttp GET, bytes discarded);
-- organixmd's install rate without and with the read-back pass, into a file slot
-  and (as root) a loop-device slot;
-- the shell pipeline ``curl | zstd -dc | tee >(sha256sum) | dd bs=4M oflag=direct``;
-- the install's peak RSS, and the peak RSS for a 256 MiB and a 4 GiB image;
+- every stage alone: the download (curl from nginx, aiohttp from S3), ``zstd -dc``,
+  hashlib SHA-256, an ``O_DIRECT`` write (``dd oflag=direct conv=fsync``) and an
+  ``O_DIRECT`` read (``dd iflag=direct``);
+- the strongest shell pipeline, ``curl | zstd -dc | tee >(openssl dgst -sha256) |
+  dd bs=4M iflag=fullblock oflag=direct``, plus its read-back ``dd iflag=direct |
+  openssl dgst -sha256``;
+- a RAUC-style two-pass install (download the object to a file first, then install
+  from the file) as the anchor a download-then-install design gets;
+- organixmd's install with read-back (``Engine.check()`` in a child process) from
+  nginx and from S3 into both slot kinds, with its peak RSS (``VmHWM``);
+- how the install time grows with the image size and with the chunk size;
+- an idle daemon's ``VmRSS`` after a no-change poll, and its start to READY;
+- ``organixctl publish`` against ``zstd -T0 -3`` on the same image;
 
-and the ratios against the targets (install without read-back >= 0.55 x raw
-download; with read-back >= 1.5 x the shell pipeline; peak RSS <= 150 MiB; the
-4 GiB image's peak RSS at most 10 % above the 256 MiB one's). Figures are printed,
-never asserted: they depend on the machine and on what else runs on it.
+and the ratios against their targets, each marked met or NOT met. Figures are
+printed, never asserted: they depend on the machine and on what else runs on it,
+which is why every ratio compares figures measured in the same run.
 
-Each install runs ``Engine.check()`` in a child process (this file with
-``--child CONFIG``), so its peak RSS is its own (``VmHWM``). Images and releases
-are built once and reused from ``/var/tmp/organixm-bench`` (``ORGANIXM_BENCH_DIR``).
-
-Run: ``.venv/bin/python bench/install.py`` (``--repeat N``: best of N per figure).
+Images and releases are built once and reused from ``/var/tmp/organixm-bench``
+(``ORGANIXM_BENCH_DIR``). Run: ``.venv/bin/python bench/install.py`` (``--repeat N``:
+best of N per figure; ``--quick``: small images, one run each, a smoke test of the
+whole benchmark in a few minutes).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import hashlib
 import json
 import os
 import resource
@@ -31,9 +41,9 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +55,7 @@ if str(REPO) not in sys.path:
 WORK = Path(os.environ.get("ORGANIXM_BENCH_DIR", "/var/tmp/organixm-bench"))
 MiB = 1024 * 1024
 GiB = 1024 * MiB
-#: Chunk size of the benchmark releases: the publisher's default.
+#: Chunk size of the benchmark releases unless a scaling row says otherwise.
 CHUNK = 4 * MiB
 BUCKET = "organixm-bench"
 
@@ -53,10 +63,10 @@ BUCKET = "organixm-bench"
 # --------------------------------------------------------------------------- child
 
 
-def read_vmhwm_kib() -> int:
-    """This process's peak resident set (VmHWM) in KiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+def read_status_kib(field_name: str, pid: str = "self") -> int:
+    """A ``/proc/PID/status`` figure in KiB (``VmHWM``, ``VmRSS``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field_name}:"):
             return int(line.split()[1])
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
@@ -83,7 +93,7 @@ def child(config_path: Path) -> int:
                 "message": verdict.message,
                 "seconds": seconds,
                 "stream_seconds": stream_seconds,
-                "vmhwm_kib": read_vmhwm_kib(),
+                "vmhwm_kib": read_status_kib("VmHWM"),
             }
         )
     )
@@ -109,11 +119,17 @@ class Published:
         return int(self.meta.image.compressed_size)
 
     @property
+    def chunk_size(self) -> int:
+        return int(self.meta.image.chunk_size)
+
+    @property
     def object_path(self) -> Path:
         return self.directory / str(self.meta.image.object)
 
 
-def build_inputs(name: str, size: int, payload: int, tree: Path | None, seed: int) -> Published:
+def build_inputs(
+    name: str, size: int, payload: int, tree: Path | None, seed: int, chunk: int = CHUNK
+) -> Published:
     """A real ext4 image (``mkfs.ext4 -d``) published as a release; reused when present."""
     from organixmd.meta import parse_meta
     from tests.support.images import make_ext4_image
@@ -135,16 +151,55 @@ def build_inputs(name: str, size: int, payload: int, tree: Path | None, seed: in
         build_release(image, directory, name="host", serial=2, chunk_size=CHUNK)
         stamp.write_text(wanted)
         print(f"  built {name} in {time.monotonic() - started:.0f} s", flush=True)
-    meta = parse_meta(meta_path.read_bytes())
-    return Published(name, image, directory, meta)
+    published = Published(name, image, directory, parse_meta(meta_path.read_bytes()))
+    if chunk == CHUNK:
+        return published
+    return republish(published, chunk)
+
+
+def republish(base: Published, chunk: int) -> Published:
+    """The same image published with another chunk size (for the chunk-size scaling)."""
+    from organixmd.meta import parse_meta
+    from tests.support.releases import build_release
+
+    name = f"{base.name}-c{chunk // MiB}m"
+    directory = WORK / "pub" / name
+    stamp = WORK / f"{name}.stamp"
+    wanted = f"from={base.meta.image.sha256} chunk={chunk}\n"
+    if not (stamp.exists() and stamp.read_text() == wanted):
+        print(f"  publishing {base.name} again in {chunk // MiB} MiB chunks ...", flush=True)
+        if directory.exists():
+            shutil.rmtree(directory)
+        build_release(base.image, directory, name="host", serial=2, chunk_size=chunk)
+        stamp.write_text(wanted)
+    return Published(
+        name, base.image, directory, parse_meta((directory / "host.meta").read_bytes())
+    )
 
 
 # --------------------------------------------------------------------------- measurements
 
 
-def raw_download(url: str) -> float:
+def settle() -> None:
+    """Write back every dirty page first: a figure must not pay for the previous one's
+    writes (a downloaded file, say, still on its way to the disk)."""
+    os.sync()
+
+
+def timed(command: list[str] | str, **kwargs: Any) -> float:
+    """Seconds one command takes (a string runs under ``bash -c``); it must succeed."""
+    argv = ["bash", "-c", f"set -euo pipefail; {command}"] if isinstance(command, str) else command
+    settle()
+    started = time.monotonic()
+    subprocess.run(argv, check=True, **kwargs)
+    return time.monotonic() - started
+
+
+def aiohttp_download(url: str) -> float:
     """Seconds for one GET of ``url`` with aiohttp, the body read and discarded."""
     import aiohttp
+
+    settle()
 
     async def fetch() -> float:
         async with aiohttp.ClientSession(auto_decompress=False) as session:
@@ -152,7 +207,6 @@ def raw_download(url: str) -> float:
             async with session.get(url) as response:
                 response.raise_for_status()
                 received = 0
-                # Discarded as it arrives, like a write to /dev/null.
                 async for piece in response.content.iter_chunked(1024 * 1024):
                     received += len(piece)
             if received != response.content_length:
@@ -162,24 +216,77 @@ def raw_download(url: str) -> float:
     return asyncio.run(fetch())
 
 
-def shell_pipeline(url: str, slot: Path, expected_sha256: str) -> float:
-    """Seconds for ``curl | zstd -dc | tee >(sha256sum) | dd of=SLOT bs=4M oflag=direct``."""
+def hashlib_seconds(path: Path, size: int) -> float:
+    """Seconds hashlib SHA-256 takes over ``size`` bytes of ``path``, in 4 MiB updates.
+
+    The hash alone: up to 256 MiB of the image are read into memory first and hashed
+    over and over until ``size`` bytes are done (the install hashes buffers in memory,
+    it never reads the image from a file).
+    """
+    with open(path, "rb") as handle:
+        blocks = [handle.read(4 * MiB) for _ in range(min(size, 256 * MiB) // (4 * MiB))]
+    digest = hashlib.sha256()
+    started = time.monotonic()
+    done = 0
+    while done < size:
+        for block in blocks:
+            digest.update(block)
+            done += len(block)
+            if done >= size:
+                break
+    return time.monotonic() - started
+
+
+def dd_write(image: Path, slot: Path) -> float:
+    return timed(
+        [
+            "dd",
+            f"if={image}",
+            f"of={slot}",
+            "bs=4M",
+            "oflag=direct",
+            "conv=notrunc,fsync",
+            "status=none",
+        ]
+    )
+
+
+def dd_read(slot: Path, size: int) -> float:
+    return timed(
+        [
+            "dd",
+            f"if={slot}",
+            "of=/dev/null",
+            "bs=4M",
+            "iflag=direct,count_bytes",
+            f"count={size}",
+            "status=none",
+        ]
+    )
+
+
+def shell_pipeline(url: str, slot: Path, size: int, expected: str) -> tuple[float, float]:
+    """Seconds of the strongest shell pipeline and of its read-back; both digests checked."""
     digest_file = WORK / "pipeline.sha256"
     digest_file.unlink(missing_ok=True)
-    script = (
-        "set -euo pipefail; "
-        f"curl -sSf '{url}' | zstd -dc | tee >(sha256sum > '{digest_file}') "
-        f"| dd of='{slot}' bs=4M oflag=direct status=none; "
+    stream = timed(
+        f"curl -sSf '{url}' | zstd -dc | tee >(openssl dgst -sha256 -r > '{digest_file}') "
+        f"| dd of='{slot}' bs=4M iflag=fullblock oflag=direct conv=notrunc status=none; "
         # The process substitution may still be hashing when dd is done.
         f"while [ ! -s '{digest_file}' ]; do sleep 0.005; done"
     )
-    started = time.monotonic()
-    subprocess.run(["bash", "-c", script], check=True)
-    seconds = time.monotonic() - started
     got = digest_file.read_text().split()[0]
-    if got != expected_sha256:
-        raise RuntimeError(f"shell pipeline produced SHA-256 {got}, expected {expected_sha256}")
-    return seconds
+    if got != expected:
+        raise RuntimeError(f"shell pipeline produced SHA-256 {got}, expected {expected}")
+    readback_file = WORK / "readback.sha256"
+    readback = timed(
+        f"dd if='{slot}' bs=4M iflag=direct,count_bytes count={size} status=none "
+        f"| openssl dgst -sha256 -r > '{readback_file}'"
+    )
+    got = readback_file.read_text().split()[0]
+    if got != expected:
+        raise RuntimeError(f"shell read-back produced SHA-256 {got}, expected {expected}")
+    return stream, readback
 
 
 @dataclass
@@ -190,7 +297,13 @@ class InstallRun:
 
 
 def install(
-    label: str, url: str, slot_b: Path, *, readback: bool, source: str = "", env: dict[str, str]
+    label: str,
+    url: str,
+    slot_b: Path,
+    *,
+    source: str = "",
+    env: dict[str, str],
+    extra: str = "",
 ) -> InstallRun:
     """One fresh install (empty state) of ``url`` into ``slot_b`` in a child process."""
     from organixmd.boot import BootControl
@@ -221,9 +334,11 @@ state_dir = "{run / "state"}"
 socket = "{run / "control.sock"}"
 host_id_file = "{run / "machine-id"}"
 [install]
-readback = {"true" if readback else "false"}
+readback = true
+{extra}
 """
     )
+    settle()
     done = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--child", str(config)],
         capture_output=True,
@@ -242,51 +357,74 @@ readback = {"true" if readback else "false"}
     )
 
 
-def stage_rates(release: Published) -> tuple[float, float]:
-    """Single-thread MB/s of SHA-256 (4 MiB updates) and of decompressing the image's frames.
+def idle_daemon(release: Published) -> tuple[int, float]:
+    """``VmRSS`` (KiB) of a real daemon after its no-change poll, and its start to READY.
 
-    Measured now, under whatever else runs on the machine: the reference that tells
-    a slow pipeline from a busy machine.
+    The host's booted slot already holds the release, so the boot-time check finds
+    nothing to do (the poll every idle daemon runs).
     """
-    import hashlib
+    from tests.support.daemon import DaemonProcess, prepare_host
 
-    import zstandard
-
-    data = release.image.read_bytes()[: 256 * MiB]
-    started = time.monotonic()
-    digest = hashlib.sha256()
-    for offset in range(0, len(data), 4 * MiB):
-        digest.update(data[offset : offset + 4 * MiB])
-    sha = len(data) / (time.monotonic() - started) / 1e6
-    chunks = release.meta.image.chunks[:64]
-    blob = release.object_path.read_bytes()[: chunks[-1].offset + chunks[-1].length]
-    dctx = zstandard.ZstdDecompressor()
-    out = bytearray(CHUNK)
-    started = time.monotonic()
-    for chunk in chunks:
-        frame = blob[chunk.offset : chunk.offset + chunk.length]
-        with dctx.stream_reader(frame) as reader:
-            reader.readinto(out)
-    zstd = len(chunks) * CHUNK / (time.monotonic() - started) / 1e6
-    return sha, zstd
-
-
-def best(values: list[float]) -> float:
-    return min(values)
+    root = WORK / "idle"
+    if root.exists():
+        shutil.rmtree(root)
+    host = prepare_host(root, f"{release.directory.as_uri()}/host", installed=release.image)
+    try:
+        started = time.monotonic()
+        daemon = DaemonProcess(host).start()
+        ready = time.monotonic() - started
+        try:
+            status = daemon.wait_ready()
+            if status["phase"] != "idle":
+                raise RuntimeError(f"the idle daemon is not idle: {status}")
+            rss = read_status_kib("VmRSS", str(daemon.daemon_pid()))
+        finally:
+            daemon.stop()
+    finally:
+        host.cleanup()
+    return rss, ready
 
 
-def rate(size: int, seconds: float) -> float:
-    return size / seconds / 1e6
+def publish_seconds(image: Path, serial: int) -> float:
+    """Seconds of ``organixctl publish`` of ``image`` into a fresh directory (unsigned)."""
+    target = WORK / "publish"
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir()
+    ctl = str(Path(sys.executable).with_name("organixctl"))
+    return timed(
+        [
+            ctl,
+            "publish",
+            str(image),
+            "--to",
+            str(target / "host"),
+            "--version",
+            f"1.{serial}",
+            "--serial",
+            str(serial),
+            "--allow-unsigned",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+
+
+def zstd_cli_seconds(image: Path) -> float:
+    out = WORK / "zstd-T0.zst"
+    seconds = timed(["zstd", "-q", "-f", "-T0", "-3", str(image), "-o", str(out)])
+    out.unlink()
+    return seconds
 
 
 # --------------------------------------------------------------------------- servers
 
 
 @contextmanager
-def servers(release: Published) -> Iterator[tuple[Any, Any, str]]:
-    """nginx over WORK/pub and moto's S3 with the release uploaded (meta last).
+def servers(releases: list[Published]) -> Iterator[tuple[Any, Any, Callable[[Published], str]]]:
+    """nginx over WORK/pub and moto's S3 with ``releases`` uploaded (meta last).
 
-    Also yields a presigned URL of the image object on S3, for plain HTTP clients.
+    Also yields a function giving a presigned URL of a release's image object on S3,
+    for plain HTTP clients.
     """
     import boto3
 
@@ -305,17 +443,22 @@ def servers(release: Published) -> Iterator[tuple[Any, Any, str]]:
         )
         client.create_bucket(Bucket=BUCKET)
         started = time.monotonic()
-        for path in (release.object_path, release.directory / "host.meta"):
-            key = f"{release.name}/{path.relative_to(release.directory)}"
-            with open(path, "rb") as body:
-                client.put_object(Bucket=BUCKET, Key=key, Body=body)
+        for release in releases:
+            for path in (release.object_path, release.directory / "host.meta"):
+                key = f"{release.name}/{path.relative_to(release.directory)}"
+                with open(path, "rb") as body:
+                    client.put_object(Bucket=BUCKET, Key=key, Body=body)
         print(f"  uploaded to moto in {time.monotonic() - started:.1f} s", flush=True)
-        presigned = client.generate_presigned_url(
-            "get_object",
-            Params={"Bucket": BUCKET, "Key": f"{release.name}/{release.meta.image.object}"},
-            ExpiresIn=3600,
-        )
-        yield nginx, moto, presigned
+
+        def presign(release: Published) -> str:
+            url: str = client.generate_presigned_url(
+                "get_object",
+                Params={"Bucket": BUCKET, "Key": f"{release.name}/{release.meta.image.object}"},
+                ExpiresIn=3600,
+            )
+            return url
+
+        yield nginx, moto, presign
     finally:
         nginx.stop()
         moto.stop()
@@ -350,168 +493,318 @@ def prepare_slot(path: Path, size: int) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class Report:
+    repeat: int
+    rates: dict[str, float] = field(default_factory=dict)
+    ratios: list[tuple[str, float, float, bool]] = field(default_factory=list)
+
+    def measure(self, name: str, size: int, run: Callable[[], float], note: str = "") -> float:
+        """Best of ``repeat`` runs of ``run`` (seconds), printed and kept as MB/s of ``size``."""
+        runs = [run() for _ in range(self.repeat)]
+        return self.record(name, size, runs, note)
+
+    def record(self, name: str, size: int, runs: list[float], note: str = "") -> float:
+        value = size / min(runs) / 1e6
+        spread = ", ".join(f"{size / s / 1e6:.0f}" for s in runs)
+        self.rates[name] = value
+        extra = f"; {note}" if note else ""
+        print(f"  {name:<52} {value:7.0f} MB/s   (runs: {spread}{extra})", flush=True)
+        return value
+
+    def ratio(self, name: str, value: float, target: float, higher: bool = True) -> None:
+        self.ratios.append((name, value, target, higher))
+
+    def print_ratios(self) -> None:
+        print("against the targets:")
+        for name, value, target, higher in self.ratios:
+            met = value >= target if higher else value <= target
+            sign = ">=" if higher else "<="
+            verdict = "met" if met else "NOT met"
+            print(f"  {name:<62} {value:7.2f}  (target {sign} {target}: {verdict})")
+
+
 # --------------------------------------------------------------------------- main
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--repeat", type=int, default=2, help="runs per figure (best is shown)")
+    parser.add_argument(
+        "--quick", action="store_true", help="small images, one run each: a smoke test"
+    )
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
         return child(args.child)
-    for tool in ("nginx", "curl", "zstd", "mkfs.ext4", "dd", "sha256sum"):
+    for tool in ("nginx", "curl", "zstd", "mkfs.ext4", "dd", "openssl"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
             print(f"bench/install.py: {tool} is missing; run 'make deps'", file=sys.stderr)
             return 1
     WORK.mkdir(parents=True, exist_ok=True)
-    print(f"organixm install benchmark; work directory {WORK}; {os.cpu_count()} CPUs")
+    repeat = 1 if args.quick else args.repeat
+    report = Report(repeat)
+    print(
+        f"organixm install benchmark; work directory {WORK}; {os.cpu_count()} CPUs; "
+        f"load average {os.getloadavg()[0]:.1f} at the start"
+    )
     print("inputs:")
-    # ~640 MiB of generated files in a 1 GiB ext4 image: about 3.5:1 with zstd -3.
-    big = build_inputs("img1g", 1 * GiB, 640 * MiB, None, seed=1)
-    small = build_inputs("img256m", 256 * MiB, 160 * MiB, None, seed=2)
-    # The 4 GiB image is a real ext4 filesystem made from the 1 GiB image's files:
-    # 4 GiB to stream, hash and write, most of it empty space that compresses well.
-    huge = build_inputs("img4g", 4 * GiB, 0, WORK / "img1g.tree", seed=1)
-    for item in (big, small, huge):
+    if args.quick:
+        main_image = build_inputs("q256m", 256 * MiB, 160 * MiB, None, seed=3)
+        sized = [build_inputs("q64m", 64 * MiB, 40 * MiB, None, seed=4), main_image]
+    else:
+        # ~640 MiB of generated files in a 1 GiB ext4 image: about 3.9:1 with zstd -3.
+        main_image = build_inputs("img1g", 1 * GiB, 640 * MiB, None, seed=1)
+        # The 4 GiB image is a real ext4 file system made from the 1 GiB image's files:
+        # 4 GiB to stream, hash, write and read back, most of it empty space.
+        sized = [
+            build_inputs("img256m", 256 * MiB, 160 * MiB, None, seed=2),
+            main_image,
+            build_inputs("img4g", 4 * GiB, 0, WORK / "img1g.tree", seed=1),
+        ]
+    chunked = [republish(main_image, 1 * MiB), main_image, republish(main_image, 16 * MiB)]
+    for item in (*sized, chunked[0], chunked[2]):
         print(
             f"  {item.name}: {item.size / MiB:.0f} MiB -> {item.compressed / MiB:.0f} MiB "
-            f"(ratio {item.size / item.compressed:.2f}), {len(item.meta.image.chunks)} chunks"
+            f"(ratio {item.size / item.compressed:.2f}), {len(item.meta.image.chunks)} chunks "
+            f"of {item.chunk_size // MiB} MiB"
         )
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    slot_file = prepare_slot(WORK / "slot-b.img", big.size)
-    results: dict[str, float] = {}
-    peak_kib = 0
+    size = main_image.size
+    slot_file = prepare_slot(WORK / "slot-b.img", size)
+    installs: dict[str, list[InstallRun]] = {}
 
-    def record(name: str, runs: list[float], size: int, rss_kib: int | None = None) -> float:
-        value = rate(size, best(runs))
-        spread = ", ".join(f"{rate(size, s):.0f}" for s in runs)
-        results[name] = value
-        memory = f"; peak RSS {rss_kib / 1024:.0f} MiB" if rss_kib is not None else ""
-        print(f"  {name:<44} {value:7.0f} MB/s   (runs: {spread}{memory})", flush=True)
-        return value
+    def daemon_install(label: str, url: str, slot: Path, **kwargs: Any) -> list[InstallRun]:
+        runs = [
+            install(label.replace(" ", "-").replace(",", ""), url, slot, **kwargs)
+            for _ in range(repeat)
+        ]
+        installs[label] = runs
+        return runs
 
-    load_before = os.getloadavg()[0]
-    sha, zstd = stage_rates(big)
-    # Read-back on: thread 1 decompresses, thread 2 hashes each chunk and writes, so the
-    # stream is bound by the slower of the two. Read-back off: each thread decompresses
-    # or hashes once and hashes once more, bound by 1 / (1/zstd + 1/sha).
-    print(
-        f"machine now: load average {load_before:.1f}; one thread does SHA-256 at {sha:.0f} "
-        f"MB/s and zstd decompression at {zstd:.0f} MB/s; bounds: stream with read-back "
-        f"~{min(sha, zstd):.0f} MB/s, stream without read-back ~{1 / (1 / sha + 1 / zstd):.0f} "
-        "MB/s (before the network's share of the two cores)"
-    )
-    print("servers:")
     with (
-        servers(big) as (nginx, moto, presigned),
-        loop_device(WORK / "loop-b.backing", big.size) as loop,
+        servers([main_image]) as (nginx, moto, presign),
+        loop_device(WORK / "loop-b.backing", size) as loop,
     ):
         s3_env = {**base_env, **moto.credentials_env()}
-        http_url = f"{nginx.url}/{big.name}/host"
-        s3_url = f"s3://{BUCKET}/{big.name}/host"
-        s3_source = f's3_endpoint = "{moto.endpoint}"'
-        object_http = f"{nginx.url}/{big.name}/{big.meta.image.object}"
-        object_s3 = presigned
-        print(
-            f"results (1 GiB image, best of {args.repeat}): installs and the shell pipeline in "
-            "MB/s of image bytes written; raw downloads in MB/s of (compressed) bytes received, "
-            "which is how the targets compare them"
-        )
-        repeat = range(args.repeat)
-        for label, url in (("nginx", object_http), ("moto S3", object_s3)):
-            runs = [raw_download(url) for _ in repeat]
-            record(f"raw download, {label}", runs, big.compressed)
+        object_http = f"{nginx.url}/{main_image.name}/{main_image.meta.image.object}"
+        sources = [
+            ("nginx", f"{nginx.url}/{main_image.name}/host", "", base_env),
+            (
+                "S3",
+                f"s3://{BUCKET}/{main_image.name}/host",
+                f's3_endpoint = "{moto.endpoint}"',
+                s3_env,
+            ),
+        ]
         slots: list[tuple[str, Path]] = [("file slot", slot_file)]
         if loop is not None:
             slots.append(("loop slot", loop))
-        for source_label, url, source, env in (
-            ("nginx", http_url, "", base_env),
-            ("moto S3", s3_url, s3_source, s3_env),
-        ):
-            for slot_label, slot in slots:
-                for readback in (False, True):
-                    mode = "on" if readback else "off"
-                    label = f"install {source_label}, {slot_label}, readback {mode}"
-                    installs = [
-                        install(
-                            label.replace(" ", "-").replace(",", ""),
-                            url,
-                            slot,
-                            readback=readback,
-                            source=source,
-                            env=env,
-                        )
-                        for _ in repeat
-                    ]
-                    rss_kib = max(run.vmhwm_kib for run in installs)
-                    peak_kib = max(peak_kib, rss_kib)
-                    record(label, [run.seconds for run in installs], big.size, rss_kib)
-                    if readback:
-                        # The same installs up to the end of the stream (chunk-checked
-                        # writes), before the read-back hashes the whole slot.
-                        record(
-                            f"install {source_label}, {slot_label}, stream phase",
-                            [run.stream_seconds for run in installs],
-                            big.size,
-                        )
+        print(
+            f"every stage alone ({main_image.name}, best of {repeat}; MB/s of image bytes, "
+            "a download's too: image bytes over its seconds):"
+        )
+        report.measure(
+            "download, nginx (curl > /dev/null)",
+            size,
+            lambda: timed(["curl", "-sSf", "-o", "/dev/null", object_http]),
+        )
+        report.measure(
+            "download, S3 (aiohttp, presigned)",
+            size,
+            lambda: aiohttp_download(presign(main_image)),
+        )
+        report.measure(
+            "zstd -dc > /dev/null",
+            size,
+            lambda: timed(f"zstd -dc '{main_image.object_path}' > /dev/null"),
+        )
+        report.measure(
+            "SHA-256, hashlib, 4 MiB blocks", size, lambda: hashlib_seconds(main_image.image, size)
+        )
         for slot_label, slot in slots:
-            runs = [shell_pipeline(object_http, slot, big.meta.image.sha256) for _ in repeat]
-            record(f"shell pipeline nginx, {slot_label}", runs, big.size)
-
-    print("peak RSS (VmHWM of the installing process, read-back on, from file://):")
-    rss: dict[str, int] = {}
-    for item in (small, big, huge):
-        slot = prepare_slot(WORK / f"slot-rss-{item.name}.img", item.size)
-        rss_runs = [
-            install(
-                f"rss-{item.name}",
-                f"file://{item.directory}/host",
-                slot,
-                readback=True,
-                env=base_env,
+            report.measure(
+                f"O_DIRECT write, {slot_label} (dd, fsync)",
+                size,
+                functools.partial(dd_write, main_image.image, slot),
             )
-            for _ in repeat
-        ]
-        rss[item.name] = max(run.vmhwm_kib for run in rss_runs)
-        peak_kib = max(peak_kib, rss[item.name])
-        rate_text = f"{rate(item.size, best([r.seconds for r in rss_runs])):.0f} MB/s"
-        print(f"  {item.name:<10} {rss[item.name] / 1024:6.1f} MiB   ({rate_text})")
+            report.measure(
+                f"O_DIRECT read, {slot_label} (dd)",
+                size,
+                functools.partial(dd_read, slot, size),
+            )
+        print("shell pipelines and the two-pass anchor (nginx):")
+        for slot_label, slot in slots:
+            shell = [
+                shell_pipeline(object_http, slot, size, main_image.meta.image.sha256)
+                for _ in range(repeat)
+            ]
+            report.record(f"shell pipeline, {slot_label}", size, [s for s, _ in shell])
+            report.record(
+                f"shell pipeline + read-back, {slot_label}",
+                size,
+                [s + r for s, r in shell],
+            )
+        download = WORK / "rauc" / main_image.name
+        for slot_label, slot in slots:
+            totals = []
+            for _ in range(repeat):
+                if download.exists():
+                    shutil.rmtree(download)
+                (download / "images").mkdir(parents=True)
+                shutil.copy(main_image.directory / "host.meta", download / "host.meta")
+                fetched = timed(
+                    [
+                        "curl",
+                        "-sSf",
+                        "-o",
+                        str(download / str(main_image.meta.image.object)),
+                        object_http,
+                    ]
+                )
+                run = install(
+                    f"rauc-{slot_label.split()[0]}",
+                    f"file://{download}/host",
+                    slot,
+                    env=base_env,
+                )
+                totals.append(fetched + run.seconds)
+            report.record(f"download, then install from the file, {slot_label}", size, totals)
+        print("organixmd install with read-back (Engine.check() in a child process):")
+        for source_label, url, source, env in sources:
+            for slot_label, slot in slots:
+                label = f"install {source_label}, {slot_label}"
+                runs = daemon_install(label, url, slot, source=source, env=env)
+                rss = max(run.vmhwm_kib for run in runs) / 1024
+                report.record(label, size, [run.seconds for run in runs], f"peak RSS {rss:.0f} MiB")
+                report.record(
+                    f"  its stream until the last write, {source_label}, {slot_label}",
+                    size,
+                    [run.stream_seconds for run in runs],
+                )
 
+        print(f"scaling (nginx, file slot, best of {repeat}):")
+        rss_by_size: dict[str, float] = {}
+        per_gib: dict[str, float] = {}
+        for item in sized:
+            slot = prepare_slot(WORK / f"slot-size-{item.name}.img", item.size)
+            url = f"{nginx.url}/{item.name}/host"
+            runs = daemon_install(f"size {item.name}", url, slot, env=base_env)
+            seconds = min(run.seconds for run in runs)
+            rss_by_size[item.name] = max(run.vmhwm_kib for run in runs) / 1024
+            per_gib[item.name] = seconds / (item.size / GiB)
+            print(
+                f"  image {item.size / MiB:6.0f} MiB: {seconds:6.2f} s, "
+                f"{per_gib[item.name]:5.2f} s per GiB, {item.size / seconds / 1e6:5.0f} MB/s, "
+                f"peak RSS {rss_by_size[item.name]:.1f} MiB",
+                flush=True,
+            )
+        for item in chunked:
+            url = f"{nginx.url}/{item.name}/host"
+            runs = daemon_install(f"chunk {item.name}", url, slot_file, env=base_env)
+            seconds = min(run.seconds for run in runs)
+            rss = max(run.vmhwm_kib for run in runs) / 1024
+            print(
+                f"  chunk {item.chunk_size // MiB:3d} MiB ({item.name}): {seconds:6.2f} s, "
+                f"{item.size / seconds / 1e6:5.0f} MB/s, peak RSS {rss:.1f} MiB",
+                flush=True,
+            )
+
+    print("idle daemon and publisher:")
+    idle_rss, ready = idle_daemon(sized[0])
+    print(
+        f"  idle daemon after a no-change poll: VmRSS {idle_rss / 1024:.1f} MiB; "
+        f"READY in {ready:.2f} s"
+    )
+    serials = iter(range(10, 100))
+    publish = report.measure(
+        "organixctl publish (local directory)",
+        size,
+        lambda: publish_seconds(main_image.image, next(serials)),
+    )
+    zstd_t0 = report.measure(
+        "zstd -T0 -3 (to a file)", size, lambda: zstd_cli_seconds(main_image.image)
+    )
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (on {os.cpu_count()} CPUs)")
-    print("against the targets:")
 
-    def ratio(name: str, value: float, target: float, higher: bool = True) -> None:
-        met = value >= target if higher else value <= target
-        sign = ">=" if higher else "<="
-        print(f"  {name:<58} {value:6.2f}  (target {sign} {target}: {'met' if met else 'MISSED'})")
-
-    for source_label, raw in (
-        ("nginx", "raw download, nginx"),
-        ("moto S3", "raw download, moto S3"),
-    ):
+    rates = report.rates
+    stages = ["zstd -dc > /dev/null", "SHA-256, hashlib, 4 MiB blocks"]
+    cores = os.cpu_count() or 1
+    zstd_rate, sha_rate = rates[stages[0]], rates[stages[1]]
+    # Every image byte is decompressed once and SHA-256-hashed twice (its chunk before
+    # the write, the whole image as read back), on ``cores`` CPUs shared with the
+    # server; the publisher compresses each byte once and hashes it twice (chunk, whole).
+    install_bound = cores / (1 / zstd_rate + 2 / sha_rate)
+    compress_rate = zstd_t0 / cores
+    publish_bound = cores / (1 / compress_rate + 2 / sha_rate)
+    print(
+        f"CPU bounds from these stage rates on {cores} CPUs: install (zstd -dc + 2 x SHA-256 "
+        f"per byte) {install_bound:.0f} MB/s; publish (zstd -3 + 2 x SHA-256 per byte, "
+        f"{compress_rate:.0f} MB/s per CPU from zstd -T0) {publish_bound:.0f} MB/s"
+    )
+    for source_label, _, _, _ in sources:
         for slot_label, _ in slots:
-            key = f"install {source_label}, {slot_label}, readback off"
-            ratio(
-                f"{source_label} {slot_label}: install (no read-back) / raw",
-                results[key] / results[raw],
-                0.55,
-            )
-            key = f"install {source_label}, {slot_label}, stream phase"
-            ratio(
-                f"{source_label} {slot_label}: stream before read-back / raw",
-                results[key] / results[raw],
-                0.55,
+            name = f"install {source_label}, {slot_label}"
+            print(f"  {name:<52} {rates[name] / install_bound:5.2f} of the CPU bound")
+    print(f"  {'organixctl publish':<52} {publish / publish_bound:5.2f} of the CPU bound")
+    for source_label, _, _, _ in sources:
+        for slot_label, _ in slots:
+            names = [
+                *stages,
+                "download, nginx (curl > /dev/null)"
+                if source_label == "nginx"
+                else "download, S3 (aiohttp, presigned)",
+                f"O_DIRECT write, {slot_label} (dd, fsync)",
+                f"O_DIRECT read, {slot_label} (dd)",
+            ]
+            slowest = min(names, key=lambda name: rates[name])
+            report.ratio(
+                f"{source_label}, {slot_label}: install / slowest stage ({slowest.split(',')[0]})",
+                rates[f"install {source_label}, {slot_label}"] / rates[slowest],
+                0.9,
             )
     for slot_label, _ in slots:
-        key = f"install nginx, {slot_label}, readback on"
-        ratio(
-            f"nginx {slot_label}: install (read-back) / shell pipeline",
-            results[key] / results[f"shell pipeline nginx, {slot_label}"],
+        report.ratio(
+            f"nginx, {slot_label}: install / shell pipeline + read-back",
+            rates[f"install nginx, {slot_label}"]
+            / rates[f"shell pipeline + read-back, {slot_label}"],
             1.5,
         )
-    ratio("peak RSS of any install, MiB", peak_kib / 1024, 150, higher=False)
-    ratio("peak RSS 4 GiB image / 256 MiB image", rss["img4g"] / rss["img256m"], 1.10, higher=False)
+    # The default chunk size: every source, slot and image size (the chunk-size rows
+    # print their own, larger for larger chunks).
+    for source_label, _, _, _ in sources:
+        peak = max(
+            run.vmhwm_kib
+            for label, runs in installs.items()
+            if label.startswith(f"install {source_label},")
+            or (source_label == "nginx" and label.startswith("size "))
+            for run in runs
+        )
+        report.ratio(
+            f"peak RSS of any {source_label} install ({CHUNK // MiB} MiB chunks), MiB",
+            peak / 1024,
+            100,
+            higher=False,
+        )
+    smallest, largest = sized[0], sized[-1]
+    report.ratio(
+        f"peak RSS {largest.size // MiB} MiB image / {smallest.size // MiB} MiB image",
+        rss_by_size[largest.name] / rss_by_size[smallest.name],
+        1.1,
+        higher=False,
+    )
+    report.ratio(
+        f"install s/GiB, {largest.size // MiB} MiB / {main_image.size // MiB} MiB (linear: ~1)",
+        per_gib[largest.name] / per_gib[main_image.name],
+        1.1,
+        higher=False,
+    )
+    report.ratio("idle daemon VmRSS, MiB", idle_rss / 1024, 60, higher=False)
+    report.ratio("publish / zstd -T0 -3", publish / zstd_t0, 0.8)
+    report.print_ratios()
     return 0
 
 

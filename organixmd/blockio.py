@@ -16,7 +16,7 @@ import mmap
 import os
 import stat
 import struct
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 PAGE = mmap.PAGESIZE
@@ -123,48 +123,86 @@ class DiscardWriter(SlotWriter):
         return None
 
 
+class DeviceReader:
+    """Reads ranges of a slot as they are on the device, not in the page cache, and hashes them.
+
+    Uses O_DIRECT; where the filesystem lacks it, drops the range's page cache first
+    (POSIX_FADV_DONTNEED; the caller fsyncs what it wrote before) so the bytes come
+    from the disk. Blocking; runs in a worker thread and uses one more thread of its
+    own: the next block is read while the current one is hashed (both release the
+    GIL), so a range is read at the slower of the device and SHA-256 instead of at
+    their sum. Two ``READ_BLOCK`` buffers, whatever the range.
+    """
+
+    def __init__(self, path: Path, base: int = 0) -> None:
+        self.path = path
+        #: Byte offset of the slot inside ``path`` (a partition inside a whole-disk image).
+        self.base = base
+        self.fd, self.direct = _open(path, os.O_RDONLY)
+        self._buffers = [aligned_buffer(READ_BLOCK) for _ in range(2)]
+        self._views = [memoryview(buffer) for buffer in self._buffers]
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="readback")
+
+    def sync(self) -> None:
+        """Make every write to the slot so far durable (the device's volatile cache too)."""
+        os.fsync(self.fd)
+
+    def hash_range(self, start: int, end: int, hasher: hashlib._Hash) -> None:
+        """Feed bytes ``start`` to ``end`` of the slot, as the device holds them, to ``hasher``.
+
+        ``start`` must be a multiple of 4096 (O_DIRECT); the last read is rounded up
+        to 4096 bytes and only ``end - start`` bytes are hashed.
+        """
+        if end <= start:
+            return
+        if not self.direct:
+            os.posix_fadvise(
+                self.fd, self.base + start, round_up(end - start, 4096), os.POSIX_FADV_DONTNEED
+            )
+        views = self._views
+
+        def read_block(position: int, index: int) -> int:
+            want = min(READ_BLOCK, round_up(end - position, 4096))
+            got = os.preadv(self.fd, [views[index][:want]], self.base + position)
+            if got <= 0:
+                raise OSError(errno.EIO, f"short read at byte {position} of {self.path}")
+            return min(got, end - position)
+
+        position, index = start, 0
+        pending: Future[int] | None = self._reader.submit(read_block, start, 0)
+        while pending is not None:
+            useful = pending.result()
+            following = position + useful
+            # The other buffer is free: its block was hashed in the previous round.
+            pending = (
+                self._reader.submit(read_block, following, 1 - index) if following < end else None
+            )
+            hasher.update(views[index][:useful])
+            position, index = following, 1 - index
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        self._reader.shutdown(wait=True)
+        for view in self._views:
+            view.release()
+        for buffer in self._buffers:
+            buffer.close()
+        os.close(self.fd)
+        self.fd = -1
+
+
 def hash_device(
     path: Path, length: int, hasher: hashlib._Hash | None = None, base: int = 0
 ) -> hashlib._Hash:
     """SHA-256 of ``length`` bytes at ``base`` as they are on the device, not in the page cache.
 
-    Uses O_DIRECT; where the filesystem lacks it, fsyncs and drops the file's page
-    cache first (POSIX_FADV_DONTNEED) so the bytes come from the disk. Blocking; runs
-    in a worker thread and uses one more thread of its own: the next block is read
-    while the current one is hashed (both release the GIL), so the pass runs at the
-    slower of the device and SHA-256 instead of at their sum.
+    See :class:`DeviceReader`. Blocking; runs in a worker thread.
     """
     digest = hasher if hasher is not None else hashlib.sha256()
-    fd, direct = _open(path, os.O_RDONLY)
-    buffers = [aligned_buffer(READ_BLOCK) for _ in range(2)]
-    views = [memoryview(buffer) for buffer in buffers]
-
-    def read_block(position: int, index: int) -> int:
-        want = min(READ_BLOCK, round_up(length - position, 4096))
-        got = os.preadv(fd, [views[index][:want]], base + position)
-        if got <= 0:
-            raise OSError(errno.EIO, f"short read at byte {position} of {path}")
-        return min(got, length - position)
-
+    reader = DeviceReader(path, base)
     try:
-        if not direct:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="readback") as reader:
-            position, index = 0, 0
-            pending = reader.submit(read_block, 0, 0) if length > 0 else None
-            while pending is not None:
-                useful = pending.result()
-                following = position + useful
-                # The other buffer is free: its block was hashed in the previous round.
-                pending = (
-                    reader.submit(read_block, following, 1 - index) if following < length else None
-                )
-                digest.update(views[index][:useful])
-                position, index = following, 1 - index
+        reader.hash_range(0, length, digest)
     finally:
-        for view in views:
-            view.release()
-        for buffer in buffers:
-            buffer.close()
-        os.close(fd)
+        reader.close()
     return digest

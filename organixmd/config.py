@@ -137,7 +137,7 @@ class DaemonConfig(_Section):
 
 class InstallConfig(_Section):
     readback: bool = True
-    buffers: int = Field(default=8, ge=2, le=64)
+    buffers: int = Field(default=4, ge=2, le=64)
     #: Seconds between durable progress records (fsync of the slot, then the state file).
     checkpoint_interval: float = Field(default=1.0, ge=0.0, le=600.0)
     #: Delta updates: copy the blocks this host already holds, fetch only the rest

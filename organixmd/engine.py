@@ -32,7 +32,6 @@ from uuid import uuid4
 
 import structlog
 
-from organixmd import minisign
 from organixmd.blockio import hash_device
 from organixmd.config import Config
 from organixmd.errors import (
@@ -50,7 +49,6 @@ from organixmd.errors import (
 from organixmd.hostlock import HostLock
 from organixmd.logsetup import get_logger
 from organixmd.meta import Release, parse_meta
-from organixmd.pipeline import Installer, InstallResult, Progress
 from organixmd.slots import SlotName, booted_slot, check_target, other, slot_paths
 from organixmd.sources import Source, open_source
 from organixmd.state import (
@@ -67,7 +65,11 @@ from organixmd.state import (
 )
 
 if TYPE_CHECKING:
+    # The idle daemon never needs these: the install pipeline (zstandard) is imported
+    # at the first install, minisign (cryptography) only when keys are configured.
+    from organixmd import minisign
     from organixmd.delta import DeltaInstaller, LocalSlot
+    from organixmd.pipeline import Installer, InstallResult, Progress
 
 #: Verdicts decided by the meta (and what this boot runs) alone: an unchanged meta gives
 #: the same answer, so the next poll may ask conditionally. Any other blocked verdict
@@ -156,6 +158,10 @@ def release_ref(release: Release) -> ReleaseRef:
 def load_public_keys(config: Config) -> list[minisign.PublicKey]:
     """The trusted keys of the configuration; a bad key stops start-up (ConfigError)."""
     keys: list[minisign.PublicKey] = []
+    if not (config.source.public_keys or config.source.public_key_files):
+        return keys
+    from organixmd import minisign
+
     for index, text in enumerate(config.source.public_keys):
         try:
             keys.append(minisign.PublicKey.parse(text))
@@ -421,6 +427,8 @@ class Engine:
                 f"{source.signature_url}: no signature, and trusted keys are configured; "
                 "refusing the unsigned meta"
             )
+        from organixmd import minisign
+
         minisign.verify(meta, signature.data, self.public_keys)
 
     async def _identify_booted(self, booted: SlotName, release: Release) -> None:
@@ -591,6 +599,8 @@ class Engine:
             # Written and verified by an earlier run whose flip did not happen (crash,
             # boot control error): verify again from the device, then flip; no download.
             self._set_phase(Phase.VERIFYING)
+            from organixmd.pipeline import Installer
+
             await Installer(release, source, self.slots[target].path).verify_on_device()
             return await self._stage(release, ref, target, log)
         start, etag = self._resume_point(release, ref, target, image_url)
@@ -738,13 +748,15 @@ class Engine:
         source: Source,
         on_checkpoint: Callable[[int, str | None], Awaitable[None]],
     ) -> Installer:
+        from organixmd.pipeline import Installer
+
         return Installer(
             release,
             source,
             self.slots[target].path,
             buffers=self.config.install.buffers,
             readback=self.config.install.readback,
-            on_verify=lambda: self._set_phase(Phase.VERIFYING),
+            on_stream_end=lambda: self._set_phase(Phase.VERIFYING),
             on_progress=self._on_progress,
             on_checkpoint=on_checkpoint if release.resumable else None,
             checkpoint_interval=self.config.install.checkpoint_interval,

@@ -1,29 +1,44 @@
-"""The install pipeline: network → decompress → hash → write at offset.
+"""The install pipeline: network → decompress → hash → write at offset → read back.
 
-Three stages overlap::
+Five stages overlap::
 
-    event loop                 worker thread 1              worker thread 2
-    read frame i from the  →   decompress into an aligned →  check chunk i's SHA-256
-    network (bounded by        buffer (output bounded by     against the meta, then
-    a semaphore)               the buffer)                   O_DIRECT pwrite at
-                                                             i * chunk_size
+    event loop        thread 1          thread 2          thread 3         thread 4
+    read frame i  →   decompress    →   check chunk   →   O_DIRECT     →   fsync what is
+    from the          into an           i's SHA-256       pwrite at        written, read it
+    network           aligned buffer    against the       i * chunk_size   back (O_DIRECT)
+    (bounded by       (output bounded   meta                               and feed the
+    semaphores)       by the buffer)                                       whole-image SHA-256
 
-Without a read-back, thread 2 also feeds the whole-image SHA-256 in order and
-the chunk check moves to thread 1, so the two hashes run in different threads
-(with a read-back, the device's bytes are hashed instead, once).
+Hashing and writing are separate threads so that a chunk's SHA-256 runs while the
+previous chunk's write waits for the device.
+
+The read-back runs inside the stream (thread 4, :class:`_ReadBack`): each batch of
+written chunks is made durable and read back from the device while later chunks
+are still downloading and decompressing, instead of a second pass over the slot.
+Each byte is hashed once for its chunk (before its write) and once, as the device
+returns it, for the whole image; the slot is good only if that whole-image hash of
+the device's bytes is the meta's (invariant 2). The read-back trails the writes by
+at most ``READBACK_LAG`` bytes; when the last chunk is written only that tail is
+left (the engine shows "verifying" then).
+
+Without a read-back, thread 2 feeds the whole-image SHA-256 of the stream instead
+and the chunk check moves to thread 1, so the two hashes run in different threads
+(and thread 4 does not run).
 
 Memory is bounded by configuration, not by image size (invariant 6): at most
-``buffers`` chunks are in flight, each holding one compressed frame and one
-page-aligned output buffer that is reused. The semaphore that admits a chunk is
-released only after thread 2 has returned the chunk's buffer to the pool, so
-thread 1 never waits for a buffer while a permit is held.
+``buffers`` chunks are in flight (fewer when chunks are large: ``INFLIGHT_BYTES``),
+each holding one compressed frame and one page-aligned output buffer that is
+reused, plus the read-back's two read buffers.
+The semaphore that admits a chunk is released only after thread 3 has returned the
+chunk's buffer to the pool, so thread 1 never waits for a buffer while a permit is
+held; a second one holds the network back while the read-back trails too far.
 
 Decompressed output is bounded by the buffer: a frame that would decompress to
 more than its chunk (a decompression bomb) is refused, not swallowed.
 
 The seed's single-stream format has no chunk table; its compressed bytes flow
 through a queue into one streaming decompressor in thread 1, and only the
-whole-image hash can be checked. It cannot resume.
+whole-image hash can be checked, by a read-back after the stream. It cannot resume.
 """
 
 from __future__ import annotations
@@ -42,7 +57,13 @@ from typing import IO, Any, cast
 
 import zstandard
 
-from organixmd.blockio import DiscardWriter, SlotWriter, aligned_buffer, hash_device
+from organixmd.blockio import (
+    DeviceReader,
+    DiscardWriter,
+    SlotWriter,
+    aligned_buffer,
+    hash_device,
+)
 from organixmd.errors import ChunkMismatch, ImageError, ImageMismatch, OrganixmError, SlotError
 from organixmd.meta import Release
 from organixmd.sources import ByteStream, Source, read_exactly
@@ -53,6 +74,13 @@ LEGACY_BLOCK = 4 * 1024 * 1024
 LEGACY_READ = 1024 * 1024
 #: Default seconds between durable progress records (fsync of the slot, then the state file).
 CHECKPOINT_INTERVAL = 1.0
+#: How far (in bytes) the read-back may trail the writes: it costs no memory (the
+#: read-back reads the device into buffers of its own), and a longer lag means fewer,
+#: larger fsync-then-read batches.
+READBACK_LAG = 64 * 1024 * 1024
+#: Output buffers in flight never hold more than this (or two chunks, if larger):
+#: ``buffers`` large chunks would otherwise make memory grow with the chunk size.
+INFLIGHT_BYTES = 32 * 1024 * 1024
 
 _STOP = object()
 
@@ -128,7 +156,13 @@ class _Aborted(Exception):
 
 
 class _Stages:
-    """The two worker-thread stages and the buffer pool they share."""
+    """The hashing and the writing worker-thread stages and the buffer pool they share.
+
+    The decompressing stage (one per format, see :class:`Installer`) feeds
+    ``to_hash``; the hashing stage checks and hashes, then hands the buffer to the
+    writing stage, so a chunk's SHA-256 runs while the previous chunk's write waits
+    for the device.
+    """
 
     def __init__(
         self,
@@ -139,11 +173,13 @@ class _Stages:
         on_chunk_done: Callable[[int, int], None],
         on_failure: Callable[[BaseException], None],
         hasher: Any,
+        readback: _ReadBack | None = None,
     ) -> None:
         self.loop = loop
         self.writer = writer
         self.abort = threading.Event()
         self.to_decompress: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.to_hash: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.to_write: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.pool: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
         self._all_buffers = [aligned_buffer(buffer_size) for _ in range(buffers)]
@@ -152,6 +188,8 @@ class _Stages:
         self.on_chunk_done = on_chunk_done
         self.on_failure = on_failure
         self.hasher = hasher
+        #: Told of every write, in order; reads each durable chunk back from the device.
+        self.readback = readback
 
     def take_buffer(self) -> mmap.mmap:
         while True:
@@ -167,18 +205,18 @@ class _Stages:
             self.abort.set()
             self.loop.call_soon_threadsafe(self.on_failure, exc)
 
-    def write_stage(self) -> None:
-        """Thread 2: check the chunk's SHA-256 (if asked), whole-image hash in order, write.
+    def hash_stage(self) -> None:
+        """Thread 2: check the chunk's SHA-256 (if asked) and feed the whole-image hash.
 
         Every chunk is checked before its write, in whichever thread balances the
         CPU work (see ``_run_chunked``). Runs in a worker thread.
         """
         try:
             while True:
-                item = self.to_write.get()
+                item = self.to_hash.get()
                 if item is _STOP or self.abort.is_set():
                     return
-                index, offset, buffer, length, check = item
+                index, _, buffer, length, check = item
                 view = memoryview(buffer)
                 try:
                     if check is not None:
@@ -186,16 +224,36 @@ class _Stages:
                     self.hasher.update(view[:length])
                 finally:
                     view.release()
+                self.to_write.put(item)
+        except BaseException as exc:
+            self.fail(exc)
+        finally:
+            self.to_write.put(_STOP)
+
+    def write_stage(self) -> None:
+        """Thread 3: O_DIRECT write of each checked chunk at its offset, in order."""
+        try:
+            while True:
+                item = self.to_write.get()
+                if item is _STOP or self.abort.is_set():
+                    return
+                index, offset, buffer, length, _ = item
                 self.writer.write(offset, buffer, length)
                 self.pool.put(buffer)
+                if self.readback is not None:
+                    self.readback.written(offset + length)
                 self.loop.call_soon_threadsafe(self.on_chunk_done, index, length)
         except BaseException as exc:
             self.fail(exc)
+        finally:
+            if self.readback is not None:
+                self.readback.end()
 
     def start(self, decompress_stage: Callable[[], None]) -> list[asyncio.Future[None]]:
-        """Run the decompressing stage and the writing stage in worker threads."""
+        """Run the decompressing, hashing and writing stages in worker threads."""
         return [
             self.loop.run_in_executor(None, decompress_stage),
+            self.loop.run_in_executor(None, self.hash_stage),
             self.loop.run_in_executor(None, self.write_stage),
         ]
 
@@ -208,6 +266,71 @@ class _Stages:
                 # The mapping is freed with its last view; closing it here must never
                 # replace the error that ended the install.
                 continue
+
+
+class _ReadBack:
+    """Thread 4: reads each written chunk back from the device while the stream goes on.
+
+    The writer reports every write (in order, so what is written is a prefix of the
+    slot). This stage takes everything written since its last round as one batch,
+    makes it durable (fsync), then reads it back with O_DIRECT (:class:`DeviceReader`,
+    the same read as a whole-slot read-back) and feeds the bytes, in order, to the
+    whole-image SHA-256. Each byte is hashed once for its chunk (before its write)
+    and once, as read from the device, for the whole image.
+    """
+
+    def __init__(
+        self,
+        reader: DeviceReader,
+        hasher: Any,
+        start: int,
+        abort: threading.Event,
+        on_verify: Callable[[], None] | None,
+        on_read: Callable[[int], object],
+    ) -> None:
+        self.reader = reader
+        self.hasher = hasher
+        #: Bytes of the slot read back and hashed so far.
+        self.position = start
+        self._written = start
+        self._ended = False
+        self._changed = threading.Condition()
+        self._abort = abort
+        self._on_verify = on_verify
+        self._on_read = on_read
+
+    def written(self, upto: int) -> None:
+        """The writer has written the slot up to byte ``upto``. Any thread."""
+        with self._changed:
+            self._written = max(self._written, upto)
+            self._changed.notify()
+
+    def end(self) -> None:
+        """No more writes will come. Any thread."""
+        with self._changed:
+            self._ended = True
+            self._changed.notify()
+
+    def run(self) -> None:
+        """Read back batch after batch until the writer has ended and all is read back."""
+        while True:
+            with self._changed:
+                while self._written <= self.position and not self._ended:
+                    self._changed.wait(0.5)
+                    if self._abort.is_set():
+                        raise _Aborted
+                if self._abort.is_set():
+                    raise _Aborted
+                upto = self._written
+            if upto <= self.position:
+                return
+            # Durable first: what is read back is what a power cut would leave.
+            self.reader.sync()
+            if self._on_verify is not None:
+                self._on_verify()
+            self.reader.hash_range(self.position, upto, self.hasher)
+            self.position = upto
+            self._on_read(upto)
 
 
 class _QueueReader:
@@ -251,13 +374,14 @@ class Installer:
         source: Source,
         slot_path: Path | None,
         *,
-        buffers: int = 8,
+        buffers: int = 4,
         readback: bool = True,
         on_progress: ProgressCallback | None = None,
         on_checkpoint: CheckpointCallback | None = None,
         checkpoint_interval: float = CHECKPOINT_INTERVAL,
         slot_offset: int = 0,
         on_verify: Callable[[], None] | None = None,
+        on_stream_end: Callable[[], None] | None = None,
     ) -> None:
         self.release = release
         self.source = source
@@ -269,9 +393,13 @@ class Installer:
         self.checkpoint_interval = checkpoint_interval
         #: Where the slot starts inside ``slot_path`` (a partition of a whole-disk image).
         self.slot_offset = slot_offset
-        #: Called when the read-back starts (the engine shows the phase "verifying").
+        #: Called before each read from the device (in the read-back's worker thread),
+        #: once its batch of chunks is written and durable and before it is read back.
         self.on_verify = on_verify
-        #: Seconds the stream took (without the read-back), set by :meth:`run`.
+        #: Called on the event loop when the last chunk is written: what remains is the
+        #: read-back of the last batches (the engine shows the phase "verifying").
+        self.on_stream_end = on_stream_end
+        #: Seconds the stream took, up to the last write (not the read-back's tail).
         self.stream_seconds = 0.0
         self._failure: BaseException | None = None
         self._chunks_done = 0
@@ -308,16 +436,17 @@ class Installer:
             )
         except OSError as exc:
             raise slot_error(f"cannot open slot {self.slot_path} for writing", exc) from exc
-        # The whole image is hashed exactly once: by the read-back from the device
-        # when there is one (it is the check that counts, invariant 2), otherwise
-        # here in the stream. Chunks are always checked as they arrive.
-        stream_hash = not (
-            self.readback and self.slot_path is not None and self.release.image is not None
-        )
+        # The whole image is hashed exactly once. With a chunk table and a read-back,
+        # by the read-back inside the stream: every chunk is read back from the device
+        # once its write is durable, in order, while later chunks are still on their
+        # way (it is the check that counts, invariant 2). Otherwise here in the stream,
+        # and the seed's format (no chunk table) is read back in a second pass.
+        # Chunks are always checked as they arrive, before their write.
+        inline = self.readback and self.slot_path is not None and self.release.image is not None
         try:
-            hasher = await self._seed_hash(start_chunk) if stream_hash else _NoHash()
+            hasher = await self._seed_hash(start_chunk)
             if self.release.image is not None:
-                etag = await self._run_chunked(writer, hasher, start_chunk, etag)
+                etag = await self._run_chunked(writer, hasher, start_chunk, etag, inline)
             else:
                 etag = await self._run_stream(writer, hasher)
             await asyncio.to_thread(writer.sync)
@@ -325,17 +454,20 @@ class Installer:
             raise slot_error(f"writing slot {self.slot_path} failed", exc) from exc
         finally:
             await asyncio.to_thread(writer.close)
-        self.stream_seconds = time.monotonic() - self._started
-        digest = hasher.hexdigest() if stream_hash else ""
-        if stream_hash and digest != self.release.sha256:
-            raise ImageMismatch(
-                f"image {self.source.image_url(self.release)}: SHA-256 {digest} of the streamed "
-                f"image differs from the meta's {self.release.sha256}"
-            )
-        if self.readback and self.slot_path is not None:
-            if self.on_verify is not None:
-                self.on_verify()
-            digest = await self.verify_on_device()
+        digest = hasher.hexdigest()
+        if inline:
+            self._check_read_back(digest)
+        else:
+            self._stream_ended()
+            if digest != self.release.sha256:
+                raise ImageMismatch(
+                    f"image {self.source.image_url(self.release)}: SHA-256 {digest} of the "
+                    f"streamed image differs from the meta's {self.release.sha256}"
+                )
+            if self.readback and self.slot_path is not None:
+                if self.on_verify is not None:
+                    self.on_verify()
+                digest = await self.verify_on_device()
         return InstallResult(
             sha256=digest,
             etag=etag,
@@ -358,13 +490,21 @@ class Installer:
             )
         except OSError as exc:
             raise slot_error(f"reading slot {self.slot_path} back failed", exc) from exc
-        if digest.hexdigest() != self.release.sha256:
+        self._check_read_back(digest.hexdigest())
+        return digest.hexdigest()
+
+    def _check_read_back(self, digest: str) -> None:
+        if digest != self.release.sha256:
             raise ImageMismatch(
-                f"slot {self.slot_path}: the data read back has SHA-256 {digest.hexdigest()}, "
+                f"slot {self.slot_path}: the data read back has SHA-256 {digest}, "
                 f"not the meta's {self.release.sha256}",
                 hint="the device may be failing; the slot is not marked bootable",
             )
-        return digest.hexdigest()
+
+    def _stream_ended(self) -> None:
+        self.stream_seconds = time.monotonic() - self._started
+        if self.on_stream_end is not None:
+            self.on_stream_end()
 
     # ------------------------------------------------------------------ internals
 
@@ -432,22 +572,68 @@ class Installer:
                 self._failure = result
 
     async def _run_chunked(
-        self, writer: SlotWriter, hasher: Any, start_chunk: int, etag: str | None
+        self,
+        writer: SlotWriter,
+        hasher: Any,
+        start_chunk: int,
+        etag: str | None,
+        inline_readback: bool,
     ) -> str | None:
+        """The chunked format; with ``inline_readback``, ``hasher`` hashes the device's bytes."""
         image = self.release.image
         assert image is not None  # noqa: S101 - checked by the caller
         loop = asyncio.get_running_loop()
-        self._permits = asyncio.Semaphore(self.buffers)
-        self._wake = [(self._permits, self.buffers)]
+        buffers = max(2, min(self.buffers, INFLIGHT_BYTES // image.chunk_size))
+        self._permits = asyncio.Semaphore(buffers)
+        self._wake = [(self._permits, buffers)]
         self._last_checkpoint = time.monotonic()
         stages = _Stages(
-            loop, writer, self.buffers, image.chunk_size, self._chunk_done, self._fail, hasher
+            loop,
+            writer,
+            buffers,
+            image.chunk_size,
+            self._chunk_done,
+            self._fail,
+            _NoHash() if inline_readback else hasher,
         )
         where = self.source.image_url(self.release)
+        lag: asyncio.Semaphore | None = None
+        readback_future: asyncio.Future[None] | None = None
+        if inline_readback:
+            assert self.slot_path is not None  # noqa: S101 - checked by the caller
+            try:
+                reader = await asyncio.to_thread(DeviceReader, self.slot_path, self.slot_offset)
+            except OSError as exc:
+                stages.close()
+                raise slot_error(f"cannot open slot {self.slot_path} to read it back", exc) from exc
+            # The read-back trails the writes by at most this many chunks.
+            lag_chunks = max(buffers, READBACK_LAG // image.chunk_size)
+            lag = asyncio.Semaphore(lag_chunks)
+            self._wake.append((lag, lag_chunks))
+            verified = start_chunk
 
-        # Balance the two workers: the chunk hash goes to the writer, unless the writer
-        # already hashes the whole image (no read-back), then beside the decompression.
-        check_in_writer = isinstance(hasher, _NoHash)
+            def read_back(upto: int) -> None:
+                nonlocal verified
+                now = len(image.chunks) if upto >= image.size else upto // image.chunk_size
+                assert lag is not None  # noqa: S101 - set above
+                for _ in range(now - verified):
+                    lag.release()
+                verified = now
+
+            readback = _ReadBack(
+                reader,
+                hasher,
+                start_chunk * image.chunk_size,
+                stages.abort,
+                self.on_verify,
+                lambda upto: loop.call_soon_threadsafe(read_back, upto),
+            )
+            stages.readback = readback
+            readback_future = loop.run_in_executor(None, self._readback_stage, stages, readback)
+
+        # Balance the workers: the chunk hash goes to the hashing stage, unless that stage
+        # hashes the whole image (no read-back), then beside the decompression.
+        check_in_hash_stage = inline_readback
 
         def check_chunk(index: int, digest: str) -> None:
             if digest != image.chunks[index].sha256:
@@ -474,26 +660,27 @@ class Installer:
                         filled = _decompress_frame(
                             dctx, frame, view, expected, where, index, image.chunks[index].offset
                         )
-                        if not check_in_writer:
+                        if not check_in_hash_stage:
                             check_chunk(index, hashlib.sha256(view[:filled]).hexdigest())
                     finally:
                         view.release()
-                    stages.to_write.put(
+                    stages.to_hash.put(
                         (
                             index,
                             index * image.chunk_size,
                             buffer,
                             filled,
-                            check_chunk if check_in_writer else None,
+                            check_chunk if check_in_hash_stage else None,
                         )
                     )
             except BaseException as exc:
                 stages.fail(exc)
             finally:
-                stages.to_write.put(_STOP)
+                stages.to_hash.put(_STOP)
 
         futures = stages.start(decompress_stage)
         stream: ByteStream | None = None
+        completed = False
         try:
             if start_chunk < len(image.chunks):
                 stream = await self.source.open_download(
@@ -501,6 +688,8 @@ class Installer:
                 )
                 etag = stream.etag or etag
                 for index in range(start_chunk, len(image.chunks)):
+                    if lag is not None:
+                        await lag.acquire()
                     await self._permits.acquire()
                     self._raise_failure()
                     chunk = image.chunks[index]
@@ -508,6 +697,7 @@ class Installer:
                     self._downloaded += len(frame)
                     stages.to_decompress.put((index, frame))
                     await self._maybe_checkpoint(writer, etag, force=False)
+            completed = True
         finally:
             if stream is not None:
                 await stream.aclose()
@@ -516,9 +706,31 @@ class Installer:
             # Frames already queued are finished (bounded by ``buffers``), so a
             # network error or a cancel still leaves every verified chunk recorded.
             await self._finish_stages(stages, futures)
+            if readback_future is not None:
+                if completed and self._failure is None:
+                    self._stream_ended()
+                # The writer has ended, so the read-back ends too: at once after a
+                # failure, after the last written chunk otherwise.
+                (result,) = await asyncio.gather(readback_future, return_exceptions=True)
+                if isinstance(result, BaseException) and self._failure is None:
+                    self._failure = result
+                assert stages.readback is not None  # noqa: S101 - set with the future
+                await asyncio.to_thread(stages.readback.reader.close)
             if self._failure is None:
                 await self._maybe_checkpoint(writer, etag, force=True)
+        self._raise_failure()
         return etag
+
+    def _readback_stage(self, stages: _Stages, readback: _ReadBack) -> None:
+        """Thread 4 (see :class:`_ReadBack`); a failure stops every stage."""
+        try:
+            readback.run()
+        except _Aborted:
+            return
+        except OSError as exc:
+            stages.fail(slot_error(f"reading slot {self.slot_path} back failed", exc))
+        except BaseException as exc:
+            stages.fail(exc)
 
     async def _run_stream(self, writer: SlotWriter, hasher: Any) -> str | None:
         """The seed's single zstd stream: no chunk table, whole-image hash only."""
@@ -556,7 +768,7 @@ class Installer:
                         if filled == 0:
                             stages.pool.put(buffer)
                             break
-                        stages.to_write.put((index, position, buffer, filled, None))
+                        stages.to_hash.put((index, position, buffer, filled, None))
                         position += filled
                         index += 1
                 if position != size:
@@ -566,7 +778,7 @@ class Installer:
             except BaseException as exc:
                 stages.fail(exc)
             finally:
-                stages.to_write.put(_STOP)
+                stages.to_hash.put(_STOP)
 
         futures = stages.start(decompress_stage)
         stream: ByteStream | None = None

@@ -54,7 +54,15 @@ PACKAGES = (
     "procps",
 )
 #: Runtime dependencies installed from wheels; systemd-python comes from Debian.
-WHEEL_DEPS = ("aiohttp", "aiobotocore", "pydantic", "structlog", "zstandard", "cryptography")
+WHEEL_DEPS = (
+    "aiohttp",
+    "aiobotocore",
+    "pydantic",
+    "structlog",
+    "zstandard",
+    "cryptography",
+    "xxhash",
+)
 TOOLS = ("mmdebstrap", "qemu-system-x86_64", "mkfs.ext4", "debugfs", "journalctl", "sgdisk")
 STICK_LABEL = "e2e-stick"
 RELEASE_NAME = "e2e"

@@ -63,9 +63,9 @@ def read_vmhwm_kib() -> int:
 
 def child(config_path: Path) -> int:
     """One check (and install) with the daemon's own engine; prints one JSON line."""
-    from organixmd import logsetup
-    from organixmd.compose import build_engine
-    from organixmd.config import load_config
+    from organixmd.base import logsetup
+    from organixmd.base.config import load_config
+    from organixmd.service.compose import build_engine
 
     logsetup.configure("warning")
 
@@ -115,7 +115,7 @@ class Published:
 
 def build_inputs(name: str, size: int, payload: int, tree: Path | None, seed: int) -> Published:
     """A real ext4 image (``mkfs.ext4 -d``) published as a release; reused when present."""
-    from organixmd.meta import parse_meta
+    from organixmd.release.meta import parse_meta
     from tests.support.images import make_ext4_image
     from tests.support.releases import build_release
 
@@ -193,7 +193,7 @@ def install(
     label: str, url: str, slot_b: Path, *, readback: bool, source: str = "", env: dict[str, str]
 ) -> InstallRun:
     """One fresh install (empty state) of ``url`` into ``slot_b`` in a child process."""
-    from organixmd.boot import BootControl
+    from organixmd.boot.machine import BootControl
 
     run = WORK / "runs" / label
     if run.exists():

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from organixmd import boot, grubenv
-from organixmd.boot import BootControl, BootState, SlotBoot
-from organixmd.errors import BootError, SlotError
-from organixmd.meta import BootEntry
+from organixmd.base.errors import BootError, SlotError
+from organixmd.boot import grubenv
+from organixmd.boot import machine as boot
+from organixmd.boot.machine import BootControl, BootState, SlotBoot
+from organixmd.release.meta import BootEntry
 
-DATA = Path(boot.__file__).parent / "data"
+DATA = Path(boot.__file__).parents[1] / "data"
 UUID = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
 
 

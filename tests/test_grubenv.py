@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from organixmd import grubenv
-from organixmd.errors import BootError
+from organixmd.base.errors import BootError
+from organixmd.boot import grubenv
 
 NAMES = ["organixm_order", "organixm_a_state", "organixm_b_tries", "x", "long_name_" * 3]
 ODD_VALUES = ["", "b a", "xxx", "back\\slash", "two\nlines", "trail\\", "=eq=", "é ü", "#hash"]

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from organixmd.errors import ConfigError
+from organixmd.base.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/organixm/organixmd.toml")
 

@@ -34,7 +34,7 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     handler: logging.Handler
     if os.environ.get("JOURNAL_STREAM") and stream is None:
-        from organixmd.journal import JournalHandler
+        from organixmd.base.journal import JournalHandler
 
         handler = JournalHandler()
     else:

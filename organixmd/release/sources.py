@@ -1,8 +1,8 @@
 """Where releases come from: S3, HTTP(S) and local files behind one small interface.
 
-Each source converts its library's errors into :mod:`organixmd.errors` where they
+Each source converts its library's errors into :mod:`organixmd.base.errors` where they
 enter, naming the URL (never credentials). Sizes are bounded before memory is
-spent: a meta over :data:`~organixmd.meta.MAX_META_BYTES` or a signature over
+spent: a meta over :data:`~organixmd.release.meta.MAX_META_BYTES` or a signature over
 :data:`MAX_SIGNATURE_BYTES` is refused without being read in full.
 
 Layout (docs/format.md): the meta is at ``URL.meta``, its signature at
@@ -26,17 +26,17 @@ from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
-from organixmd.errors import (
+from organixmd.base.errors import (
     SourceChanged,
     SourceDenied,
     SourceError,
     SourceNotFound,
     SourceUnreachable,
 )
-from organixmd.meta import MAX_META_BYTES, Release
+from organixmd.release.meta import MAX_META_BYTES, Release
 
 if TYPE_CHECKING:
-    from organixmd.config import SourceConfig
+    from organixmd.base.config import SourceConfig
 
 MAX_SIGNATURE_BYTES = 64 * 1024
 READ_SIZE = 1024 * 1024
@@ -451,7 +451,7 @@ class _S3Stream:
 class S3Source(Source):
     def __init__(self, url: str, config: SourceConfig) -> None:
         super().__init__(url, config.timeout)
-        from organixmd.s3client import S3Settings, parse_s3_url
+        from organixmd.release.s3client import S3Settings, parse_s3_url
 
         self.bucket, self.key = parse_s3_url(url)
         self._settings = S3Settings(
@@ -467,7 +467,7 @@ class S3Source(Source):
         self._client: Any = None
 
     async def _open(self, stack: contextlib.AsyncExitStack) -> None:
-        from organixmd.s3client import open_client
+        from organixmd.release.s3client import open_client
 
         self._client = await stack.enter_async_context(open_client(self._settings))
 
@@ -481,7 +481,7 @@ class S3Source(Source):
         return f"s3://{self.bucket}/{self._image_key(release)}"
 
     async def _get(self, key: str, action: str, **params: Any) -> Any:
-        from organixmd.s3client import s3_errors
+        from organixmd.release.s3client import s3_errors
 
         with s3_errors(self.bucket, key, action):
             async with asyncio.timeout(self.timeout):

@@ -33,8 +33,8 @@ from pydantic import (
     model_validator,
 )
 
-from organixmd.errors import MetaError
-from organixmd.jsondepth import too_deep
+from organixmd.base.errors import MetaError
+from organixmd.base.jsondepth import too_deep
 
 SCHEMA_V1 = "organixm.meta/1"
 FORMAT_SEEKABLE = "zstd-seekable"

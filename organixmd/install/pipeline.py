@@ -42,10 +42,10 @@ from typing import IO, Any, cast
 
 import zstandard
 
-from organixmd.blockio import DiscardWriter, SlotWriter, aligned_buffer, hash_device
-from organixmd.errors import ChunkMismatch, ImageError, ImageMismatch, OrganixmError, SlotError
-from organixmd.meta import Release
-from organixmd.sources import ByteStream, Source, read_exactly
+from organixmd.base.errors import ChunkMismatch, ImageError, ImageMismatch, OrganixmError, SlotError
+from organixmd.install.blockio import DiscardWriter, SlotWriter, aligned_buffer, hash_device
+from organixmd.release.meta import Release
+from organixmd.release.sources import ByteStream, Source, read_exactly
 
 #: Chunk size used to cut the seed's single stream into writes.
 LEGACY_BLOCK = 4 * 1024 * 1024

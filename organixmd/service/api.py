@@ -46,13 +46,13 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from organixmd import __version__
-from organixmd.errors import BadRequest, Busy, ConfigError, OrganixmError, PermissionDenied
-from organixmd.jsondepth import too_deep
-from organixmd.logsetup import get_logger
-from organixmd.slots import SLOTS
+from organixmd.base.errors import BadRequest, Busy, ConfigError, OrganixmError, PermissionDenied
+from organixmd.base.jsondepth import too_deep
+from organixmd.base.logsetup import get_logger
+from organixmd.install.slots import SLOTS
 
 if TYPE_CHECKING:
-    from organixmd.daemon import Daemon
+    from organixmd.service.daemon import Daemon
 
 API_VERSION = 1
 MAX_BODY = 16 * 1024
@@ -446,7 +446,7 @@ class ControlServer:
         return response
 
     async def metrics(self, request: web.Request) -> web.Response:
-        from organixmd.metrics import render
+        from organixmd.service.metrics import render
 
         status = await self.daemon_status()
         return web.Response(

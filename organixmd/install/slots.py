@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from organixmd.blockio import device_size, round_up
-from organixmd.boot import booted_slot_from_cmdline
-from organixmd.config import SlotsConfig
-from organixmd.errors import SlotError
+from organixmd.base.config import SlotsConfig
+from organixmd.base.errors import SlotError
+from organixmd.boot.machine import booted_slot_from_cmdline
+from organixmd.install.blockio import device_size, round_up
 
 SlotName = Literal["a", "b"]
 SLOTS: tuple[SlotName, SlotName] = ("a", "b")
@@ -30,7 +30,7 @@ def other(slot: SlotName) -> SlotName:
 def booted_slot(cmdline: Path) -> SlotName | None:
     """The slot named by ``organixm.slot=`` in the kernel command line file, if any.
 
-    Parsed by :func:`organixmd.boot.booted_slot_from_cmdline` (first occurrence wins).
+    Parsed by :func:`organixmd.boot.machine.booted_slot_from_cmdline` (first occurrence wins).
     """
     try:
         text = cmdline.read_text()

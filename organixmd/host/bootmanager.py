@@ -22,14 +22,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from organixmd.boot import BootState
-from organixmd.bootport import GrubBootPort
-from organixmd.config import Config
-from organixmd.engine import Engine
-from organixmd.errors import BootError, PolicyError, RebootError, SlotError
-from organixmd.logsetup import get_logger
-from organixmd.slots import SlotName, other
-from organixmd.state import SlotRecord, utcnow
+from organixmd.base.config import Config
+from organixmd.base.errors import BootError, PolicyError, RebootError, SlotError
+from organixmd.base.logsetup import get_logger
+from organixmd.boot.machine import BootState
+from organixmd.boot.port import GrubBootPort
+from organixmd.host.engine import Engine
+from organixmd.host.state import SlotRecord, utcnow
+from organixmd.install.slots import SlotName, other
 
 
 @dataclass(frozen=True, slots=True)

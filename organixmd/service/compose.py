@@ -8,17 +8,17 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from organixmd import hostlock
-from organixmd.config import Config
-from organixmd.engine import BootPort, Engine, EventSink, load_public_keys
-from organixmd.fsutil import remove_temporaries
-from organixmd.logsetup import get_logger
-from organixmd.state import StateStore
+from organixmd.base.config import Config
+from organixmd.base.fsutil import remove_temporaries
+from organixmd.base.logsetup import get_logger
+from organixmd.host import hostlock
+from organixmd.host.engine import BootPort, Engine, EventSink, load_public_keys
+from organixmd.host.state import StateStore
 
 
 def build_boot_port(config: Config) -> BootPort:
-    from organixmd.bootport import GrubBootPort
-    from organixmd.slots import booted_slot
+    from organixmd.boot.port import GrubBootPort
+    from organixmd.install.slots import booted_slot
 
     return GrubBootPort(
         config.boot.grubenv, config.boot.grubenv_copy, booted_slot(config.slots.cmdline)

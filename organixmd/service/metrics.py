@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from organixmd.engine import Counters
-from organixmd.state import State
+from organixmd.host.engine import Counters
+from organixmd.host.state import State
 
 
 def _escape(value: str) -> str:

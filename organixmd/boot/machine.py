@@ -12,7 +12,7 @@ state machine and lists every variable. In short::
 
 The transitions are pure functions over :class:`BootState` (unit-tested without
 files); :class:`BootControl` reads the two copies of the block and writes both
-through :func:`organixmd.grubenv.write` (temporary file, fsync, rename). Its
+through :func:`organixmd.boot.grubenv.write` (temporary file, fsync, rename). Its
 methods block on fsync: the daemon calls them in a worker thread.
 """
 
@@ -23,9 +23,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, TypeGuard
 
-from organixmd import grubenv
-from organixmd.errors import BootError, SlotError
-from organixmd.meta import BootEntry
+from organixmd.base.errors import BootError, SlotError
+from organixmd.boot import grubenv
+from organixmd.release.meta import BootEntry
 
 Slot = Literal["a", "b"]
 SlotState = Literal["good", "trial", "bad"]
@@ -487,7 +487,7 @@ class BootControl:
 def booted_slot_from_cmdline(cmdline: str) -> Slot | None:
     """The ``organixm.slot=`` value GRUB put on the kernel command line, if any.
 
-    The one parser of it (the daemon's :func:`organixmd.slots.booted_slot` uses it):
+    The one parser of it (the daemon's :func:`organixmd.install.slots.booted_slot` uses it):
     the FIRST occurrence wins, since GRUB's words come before a release's params.
     An invalid first value means unknown; a later occurrence is never consulted.
     """
@@ -515,7 +515,7 @@ def render_grub_cfg(
     for path in (grubenv_path, grubenv_backup_path):
         if not re.fullmatch(r"/[A-Za-z0-9._/-]+", path):
             raise BootError(f"environment path {path!r} must be absolute, without spaces")
-    template = (Path(__file__).parent / "data" / "grub.cfg").read_text()
+    template = (Path(__file__).parents[1] / "data" / "grub.cfg").read_text()
     values = {
         "boot_uuid": boot_uuid,
         "slot_a_part": str(slot_a_part),

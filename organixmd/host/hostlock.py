@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import IO
 
-from organixmd.errors import Busy, StateError
+from organixmd.base.errors import Busy, StateError
 
 
 class HostLock:

@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from organixmd import minisign
-from organixmd.config import SourceConfig
-from organixmd.errors import ConfigError, SignatureError
-from organixmd.meta import Release, parse_meta
-from organixmd.sources import Source
+from organixmd.base.config import SourceConfig
+from organixmd.base.errors import ConfigError, SignatureError
+from organixmd.release import minisign
+from organixmd.release.meta import Release, parse_meta
+from organixmd.release.sources import Source
 
 
 def base_url(meta: str) -> str:

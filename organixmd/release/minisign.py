@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from organixmd.errors import KeyFileError, SignatureError
+from organixmd.base.errors import KeyFileError, SignatureError
 
 __all__ = [
     "MAX_KEY_FILE_BYTES",

@@ -25,16 +25,16 @@ from typing import Any
 
 import structlog
 
-from organixmd.api import ControlServer, EventHub
-from organixmd.bootmanager import BootManager, Reboot
-from organixmd.bootport import GrubBootPort
-from organixmd.compose import build_engine
-from organixmd.config import Config
-from organixmd.engine import Engine, Phase
-from organixmd.errors import Busy, OrganixmError
-from organixmd.logsetup import get_logger
-from organixmd.notify import Notifier, watchdog_interval
-from organixmd.state import Verdict
+from organixmd.base.config import Config
+from organixmd.base.errors import Busy, OrganixmError
+from organixmd.base.logsetup import get_logger
+from organixmd.boot.port import GrubBootPort
+from organixmd.host.bootmanager import BootManager, Reboot
+from organixmd.host.engine import Engine, Phase
+from organixmd.host.state import Verdict
+from organixmd.service.api import ControlServer, EventHub
+from organixmd.service.compose import build_engine
+from organixmd.service.notify import Notifier, watchdog_interval
 
 SHUTDOWN_STAGE_TIMEOUT = 20.0
 

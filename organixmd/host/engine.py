@@ -8,11 +8,11 @@ GRUB's environment, the state file) sits behind a small adapter. A check:
 2. decides: up to date, blocked (with a reason code), or available — and if
    available, whether it may be installed now (booted slot committed, rollout
    percentage, slot safety);
-3. installs into the other slot through :class:`~organixmd.pipeline.Installer`,
+3. installs into the other slot through :class:`~organixmd.install.pipeline.Installer`,
    resuming a checkpointed install of the same release, verifies the slot by
    reading it back, and only then asks boot control to flip (invariant 2).
 
-Every outcome is one :class:`~organixmd.state.Verdict`, kept in the state file,
+Every outcome is one :class:`~organixmd.host.state.Verdict`, kept in the state file,
 logged once, and shown by status.
 """
 
@@ -31,10 +31,8 @@ from uuid import uuid4
 
 import structlog
 
-from organixmd import minisign
-from organixmd.blockio import hash_device
-from organixmd.config import Config
-from organixmd.errors import (
+from organixmd.base.config import Config
+from organixmd.base.errors import (
     Busy,
     Cancelled,
     ConfigError,
@@ -46,13 +44,9 @@ from organixmd.errors import (
     SourceError,
     StateError,
 )
-from organixmd.hostlock import HostLock
-from organixmd.logsetup import get_logger
-from organixmd.meta import Release, parse_meta
-from organixmd.pipeline import Installer, Progress
-from organixmd.slots import SlotName, booted_slot, check_target, other, slot_paths
-from organixmd.sources import Source, open_source
-from organixmd.state import (
+from organixmd.base.logsetup import get_logger
+from organixmd.host.hostlock import HostLock
+from organixmd.host.state import (
     FailedRelease,
     ReleaseRef,
     SlotRecord,
@@ -61,9 +55,15 @@ from organixmd.state import (
     Verdict,
     utcnow,
 )
-from organixmd.state import (
+from organixmd.host.state import (
     Progress as Checkpoint,
 )
+from organixmd.install.blockio import hash_device
+from organixmd.install.pipeline import Installer, Progress
+from organixmd.install.slots import SlotName, booted_slot, check_target, other, slot_paths
+from organixmd.release import minisign
+from organixmd.release.meta import Release, parse_meta
+from organixmd.release.sources import Source, open_source
 
 #: Verdicts decided by the meta (and what this boot runs) alone: an unchanged meta gives
 #: the same answer, so the next poll may ask conditionally. Any other blocked verdict

@@ -30,8 +30,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from organixmd.boot import BootControl, Slot, other_slot, render_grub_cfg
-from organixmd.errors import BootError
+from organixmd.base.errors import BootError
+from organixmd.boot.machine import BootControl, Slot, other_slot, render_grub_cfg
 
 MIB = 1024 * 1024
 SECTOR = 512

@@ -25,8 +25,8 @@ from typing import BinaryIO
 
 import zstandard
 
-from organixmd.errors import Cancelled, ConfigError, ImageError
-from organixmd.meta import (
+from organixmd.base.errors import Cancelled, ConfigError, ImageError
+from organixmd.release.meta import (
     MAX_CHUNK_SIZE,
     MAX_IMAGE_SIZE,
     MIN_CHUNK_SIZE,

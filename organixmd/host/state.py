@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from organixmd.errors import StateError
-from organixmd.fsutil import write_atomic
+from organixmd.base.errors import StateError
+from organixmd.base.fsutil import write_atomic
 
 STATE_SCHEMA = "organixm.state/1"
 HISTORY_LIMIT = 200

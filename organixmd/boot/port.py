@@ -1,13 +1,13 @@
-"""The engine's and daemon's adapter onto :class:`organixmd.boot.BootControl`."""
+"""The engine's and daemon's adapter onto :class:`organixmd.boot.machine.BootControl`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from organixmd import grubenv
-from organixmd.boot import BootControl, BootState, state_from_env
-from organixmd.errors import BootError
-from organixmd.slots import SlotName
+from organixmd.base.errors import BootError
+from organixmd.boot import grubenv
+from organixmd.boot.machine import BootControl, BootState, state_from_env
+from organixmd.install.slots import SlotName
 
 
 class GrubBootPort:

@@ -31,14 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from organixmd import disklayout
-from organixmd.blockio import device_size, round_up
-from organixmd.disklayout import MIB, DiskLayout
-from organixmd.errors import BootError, ConfigError, SlotError
-from organixmd.meta import Release
-from organixmd.pipeline import Installer, InstallResult
-from organixmd.slots import mount_point_of, mounted_at
-from organixmd.sources import Source
+from organixctl.provisioner import disklayout
+from organixctl.provisioner.disklayout import MIB, DiskLayout
+from organixmd.base.errors import BootError, ConfigError, SlotError
+from organixmd.install.blockio import device_size, round_up
+from organixmd.install.pipeline import Installer, InstallResult
+from organixmd.install.slots import mount_point_of, mounted_at
+from organixmd.release.meta import Release
+from organixmd.release.sources import Source
 
 Firmware = Literal["bios", "uefi", "both"]
 

@@ -2,7 +2,7 @@
 
 Every S3 client in organixm is made by :func:`open_client`, and every S3 call
 runs inside :func:`s3_errors`, which turns botocore, aiohttp and timeout errors
-into :mod:`organixmd.errors` (chained with ``from``) with a message naming the
+into :mod:`organixmd.base.errors` (chained with ``from``) with a message naming the
 bucket, key and action and never a credential.
 """
 
@@ -28,7 +28,7 @@ from botocore.exceptions import (
 )
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from organixmd.errors import (
+from organixmd.base.errors import (
     ConfigError,
     SourceChanged,
     SourceDenied,
@@ -202,7 +202,7 @@ def _client_error(exc: ClientError, where: str, bucket: str) -> SourceError:
 
 @contextmanager
 def s3_errors(bucket: str, key: str, action: str) -> Iterator[None]:
-    """Convert errors of the S3 call(s) inside the block into :mod:`organixmd.errors`.
+    """Convert errors of the S3 call(s) inside the block into :mod:`organixmd.base.errors`.
 
     ``NoSuchKey``/``NoSuchBucket``/404 → :class:`SourceNotFound`; ``AccessDenied``,
     signature and key errors, 403 → :class:`SourceDenied`; 412 → :class:`SourceChanged`;

@@ -28,28 +28,28 @@ from uuid import UUID, uuid4
 
 from pydantic import TypeAdapter, ValidationError
 
-from organixmd.errors import (
-    ConfigError,
-    MetaError,
-    OrganixmError,
-    PublishError,
-    SourceNotFound,
-)
-from organixmd.fsutil import fsync_dir, write_atomic
-from organixmd.image import (
+from organixctl.publisher.image import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_LEVEL,
     WrittenImage,
     check_chunk_size,
     write_image,
 )
-from organixmd.meta import MAX_META_BYTES, BootEntry, Chunk, MetaV1, now_utc, parse_meta
-from organixmd.s3client import S3Settings, open_client, parse_s3_url, s3_errors
+from organixmd.base.errors import (
+    ConfigError,
+    MetaError,
+    OrganixmError,
+    PublishError,
+    SourceNotFound,
+)
+from organixmd.base.fsutil import fsync_dir, write_atomic
+from organixmd.release.meta import MAX_META_BYTES, BootEntry, Chunk, MetaV1, now_utc, parse_meta
+from organixmd.release.s3client import S3Settings, open_client, parse_s3_url, s3_errors
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3.client import S3Client
 
-    from organixmd.minisign import SecretKey
+    from organixmd.release.minisign import SecretKey
 
 #: Used when the publisher is given no boot options (see docs/format.md).
 DEFAULT_BOOT = BootEntry(kernel="/boot/bzImage", initrd="/boot/initrd", init="/sbin/init")
@@ -490,7 +490,7 @@ def _load_key(request: PublishRequest) -> SecretKey | None:
     check_signing(request.secret_key, request.allow_unsigned)
     if request.secret_key is None:
         return None
-    from organixmd.minisign import SecretKey
+    from organixmd.release.minisign import SecretKey
 
     return SecretKey.load(request.secret_key, request.password)
 
@@ -664,7 +664,7 @@ async def publish(request: PublishRequest, progress: Progress | None = None) -> 
 
 
 def _image_size(path: Path) -> int:
-    from organixmd.image import source_size
+    from organixctl.publisher.image import source_size
 
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

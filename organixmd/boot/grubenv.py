@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from organixmd.errors import BootError
-from organixmd.fsutil import write_atomic
+from organixmd.base.errors import BootError
+from organixmd.base.fsutil import write_atomic
 
 BLOCK_SIZE = 1024
 SIGNATURE = b"# GRUB Environment Block\n"

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from organixmd.base.errors import BootError, SlotError
+from organixmd.base.slotname import SlotName
 from organixmd.boot import grubenv
 from organixmd.boot import machine as boot
 from organixmd.boot.machine import BootControl, BootState, SlotBoot
@@ -18,7 +19,7 @@ DATA = Path(boot.__file__).parents[1] / "data"
 UUID = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
 
 
-def fresh(good: boot.Slot = "a") -> BootState:
+def fresh(good: SlotName = "a") -> BootState:
     return boot.initial(good)
 
 

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from organixmd.base.errors import BootError
-from organixmd.boot.machine import BootControl, Slot, other_slot, render_grub_cfg
+from organixmd.base.slotname import SlotName, other
+from organixmd.boot.machine import BootControl, render_grub_cfg
 
 MIB = 1024 * 1024
 SECTOR = 512
@@ -339,7 +340,7 @@ def install_boot_loaders(
         write_at(target, layout.esp.start, esp, layout.esp.size, sparse=sparse)
 
 
-def populate_boot_tree(tree: Path, layout: DiskLayout, boot_uuid: str, good_slot: Slot) -> None:
+def populate_boot_tree(tree: Path, layout: DiskLayout, boot_uuid: str, good_slot: SlotName) -> None:
     """Fill ``tree`` (the boot partition's root) with grub.cfg and both environment copies.
 
     The environment starts with ``good_slot`` committed, the other slot bad.
@@ -351,7 +352,7 @@ def populate_boot_tree(tree: Path, layout: DiskLayout, boot_uuid: str, good_slot
             boot_uuid=boot_uuid,
             slot_a_part=layout.slot_a.number,
             slot_b_part=layout.slot_b.number,
-            default_order=(good_slot, other_slot(good_slot)),
+            default_order=(good_slot, other(good_slot)),
             grubenv_path=GRUBENV,
             grubenv_backup_path=GRUBENV_BACKUP,
         )
@@ -360,7 +361,7 @@ def populate_boot_tree(tree: Path, layout: DiskLayout, boot_uuid: str, good_slot
 
 
 def write_boot_partition(
-    target: Path, layout: DiskLayout, boot_uuid: str, good_slot: Slot, *, sparse: bool = False
+    target: Path, layout: DiskLayout, boot_uuid: str, good_slot: SlotName, *, sparse: bool = False
 ) -> None:
     """Make the boot partition's ext4 file system (grub.cfg, both environments) on ``target``."""
     with tempfile.TemporaryDirectory() as scratch:
@@ -377,7 +378,7 @@ def write_boot_partition(
 
 
 def prepare_disk(
-    target: Path, layout: DiskLayout, boot_uuid: str, good_slot: Slot, *, sparse: bool = False
+    target: Path, layout: DiskLayout, boot_uuid: str, good_slot: SlotName, *, sparse: bool = False
 ) -> None:
     """Partition ``target`` and install GRUB (BIOS and UEFI) and the boot partition.
 
@@ -390,7 +391,7 @@ def prepare_disk(
     write_boot_partition(target, layout, boot_uuid, good_slot, sparse=sparse)
 
 
-def boot_control(boot_root: Path, *, booted: Slot | None = None) -> BootControl:
+def boot_control(boot_root: Path, *, booted: SlotName | None = None) -> BootControl:
     """The :class:`BootControl` of a boot partition mounted (or staged) at ``boot_root``."""
     return BootControl(
         boot_root / GRUBENV.lstrip("/"), boot_root / GRUBENV_BACKUP.lstrip("/"), booted=booted

@@ -21,15 +21,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal, TypeGuard
+from typing import Literal
 
 from organixmd.base.errors import BootError, SlotError
+from organixmd.base.slotname import SLOTS, SlotName, is_slot, other
 from organixmd.boot import grubenv
 from organixmd.release.meta import BootEntry
 
-Slot = Literal["a", "b"]
 SlotState = Literal["good", "trial", "bad"]
-SLOTS: tuple[Slot, Slot] = ("a", "b")
 #: GRUB counts tries as a string of "x" and reports the try number from a table up to 9.
 MAX_TRIES = 9
 
@@ -59,14 +58,6 @@ FLOOR = "organixm_floor"
 _TRIES = re.compile(r"^x*$")
 
 
-def is_slot(value: str) -> TypeGuard[Slot]:
-    return value in SLOTS
-
-
-def other_slot(slot: Slot) -> Slot:
-    return "b" if slot == "a" else "a"
-
-
 @dataclass(frozen=True, slots=True)
 class SlotBoot:
     """One slot as GRUB sees it."""
@@ -82,11 +73,11 @@ class SlotBoot:
 class BootState:
     """The whole boot environment: what GRUB will do next and what it did last."""
 
-    order: tuple[Slot, Slot]
+    order: tuple[SlotName, SlotName]
     a: SlotBoot
     b: SlotBoot
     #: GRUB's record of the last boot; ``None`` before the first boot after a rewrite.
-    booted: Slot | None = None
+    booted: SlotName | None = None
     reason: str | None = None
     trial_try: int | None = None
     #: Which copy was read: ``primary`` or ``backup`` (the primary was torn or missing).
@@ -94,14 +85,14 @@ class BootState:
     #: No release with a lower serial is installed here (``organixm_floor``).
     floor: int = 0
 
-    def slot(self, name: Slot) -> SlotBoot:
+    def slot(self, name: SlotName) -> SlotBoot:
         return self.a if name == "a" else self.b
 
-    def with_slot(self, name: Slot, value: SlotBoot) -> BootState:
+    def with_slot(self, name: SlotName, value: SlotBoot) -> BootState:
         return replace(self, a=value) if name == "a" else replace(self, b=value)
 
     @property
-    def next_slot(self) -> Slot | None:
+    def next_slot(self) -> SlotName | None:
         """The slot GRUB picks at the next boot if both slots are usable."""
         for name in self.order:
             slot = self.slot(name)
@@ -124,7 +115,7 @@ def state_from_env(variables: dict[str, str], *, source: str = "grubenv") -> Boo
     order = tuple(variables.get(ORDER, "").split())
     if sorted(order) != ["a", "b"]:
         raise BootError(f"{source}: {ORDER}={variables.get(ORDER)!r} is not 'a b' or 'b a'")
-    slots: dict[Slot, SlotBoot] = {}
+    slots: dict[SlotName, SlotBoot] = {}
     for name in SLOTS:
         state = variables.get(f"organixm_{name}_state", "")
         tries = variables.get(f"organixm_{name}_tries", "")
@@ -166,10 +157,10 @@ def env_from_state(state: BootState) -> dict[str, str]:
 # ---------------------------------------------------------------------------- transitions
 
 
-def initial(good_slot: Slot) -> BootState:
+def initial(good_slot: SlotName) -> BootState:
     """A fresh environment: ``good_slot`` committed and first; the other slot unknown (bad)."""
     return BootState(
-        order=(good_slot, other_slot(good_slot)),
+        order=(good_slot, other(good_slot)),
         a=SlotBoot("good" if good_slot == "a" else "bad"),
         b=SlotBoot("good" if good_slot == "b" else "bad"),
         booted=good_slot,
@@ -177,7 +168,9 @@ def initial(good_slot: Slot) -> BootState:
     )
 
 
-def flipped(state: BootState, target: Slot, tries: int, *, booted: Slot | None) -> BootState:
+def flipped(
+    state: BootState, target: SlotName, tries: int, *, booted: SlotName | None
+) -> BootState:
     """``target`` on trial with ``tries`` boots, first in order.
 
     Refuses (:class:`SlotError`) a flip onto the booted slot, and a flip while the
@@ -203,11 +196,11 @@ def flipped(state: BootState, target: Slot, tries: int, *, booted: Slot | None) 
         )
     return replace(
         state.with_slot(target, SlotBoot("trial", tries, 0)),
-        order=(target, other_slot(target)),
+        order=(target, other(target)),
     )
 
 
-def committed(state: BootState, booted: Slot) -> BootState:
+def committed(state: BootState, booted: SlotName) -> BootState:
     """``booted`` from trial to good. Idempotent: a good slot stays as it is.
 
     Refuses (:class:`SlotError`) unless GRUB recorded that it booted this slot, and
@@ -227,7 +220,7 @@ def committed(state: BootState, booted: Slot) -> BootState:
             f"{state.booted or 'nothing'} ({state.reason or 'no reason recorded'})",
             hint="commit only from the system that booted the trial slot",
         )
-    return replace(state.with_slot(booted, SlotBoot("good")), order=(booted, other_slot(booted)))
+    return replace(state.with_slot(booted, SlotBoot("good")), order=(booted, other(booted)))
 
 
 def raised_floor(state: BootState, serial: int) -> BootState:
@@ -235,12 +228,12 @@ def raised_floor(state: BootState, serial: int) -> BootState:
     return replace(state, floor=max(state.floor, serial))
 
 
-def marked_bad(state: BootState, slot: Slot) -> BootState:
+def marked_bad(state: BootState, slot: SlotName) -> BootState:
     """``slot`` bad and last in order. Idempotent."""
-    return replace(state.with_slot(slot, SlotBoot("bad")), order=(other_slot(slot), slot))
+    return replace(state.with_slot(slot, SlotBoot("bad")), order=(other(slot), slot))
 
 
-def trial_failed(state: BootState, booted: Slot) -> BootState:
+def trial_failed(state: BootState, booted: SlotName) -> BootState:
     """The boot assessment failed on ``booted``: bad if it was on trial, else unchanged.
 
     A committed slot is not demoted by a failure on a later boot (that is an
@@ -251,9 +244,9 @@ def trial_failed(state: BootState, booted: Slot) -> BootState:
     return marked_bad(state, booted)
 
 
-def rolled_back(state: BootState, booted: Slot) -> BootState:
+def rolled_back(state: BootState, booted: SlotName) -> BootState:
     """The other slot first again; it must be good (a committed earlier system)."""
-    target = other_slot(booted)
+    target = other(booted)
     if state.slot(target).state != "good":
         raise SlotError(
             f"cannot roll back to slot {target}: it is {state.slot(target).state}, not good",
@@ -266,13 +259,13 @@ def rolled_back(state: BootState, booted: Slot) -> BootState:
 class Decision:
     """What GRUB does at the next boot, and the environment it saves before booting."""
 
-    slot: Slot | None
+    slot: SlotName | None
     reason: str
     trial_try: int | None
     after: BootState
 
 
-def predict_boot(state: BootState, usable: dict[Slot, bool]) -> Decision:
+def predict_boot(state: BootState, usable: dict[SlotName, bool]) -> Decision:
     """What grub.cfg decides for ``state`` when the slots' usability is ``usable``.
 
     The same rules as the GRUB script, step for step (the grub-emu tests hold the
@@ -282,7 +275,7 @@ def predict_boot(state: BootState, usable: dict[Slot, bool]) -> Decision:
     (``last-resort``). Used by status output to say what the next boot will do.
     """
     slots = {"a": state.a, "b": state.b}
-    chosen: Slot | None = None
+    chosen: SlotName | None = None
     reason = ""
     skip = ""
     changed = False
@@ -343,7 +336,7 @@ class BootControl:
     Methods block (fsync): call them from a worker thread in the daemon.
     """
 
-    def __init__(self, grubenv_path: Path, backup_path: Path, *, booted: Slot | None = None):
+    def __init__(self, grubenv_path: Path, backup_path: Path, *, booted: SlotName | None = None):
         self.primary = grubenv_path
         self.backup = backup_path
         self._booted = booted
@@ -372,7 +365,7 @@ class BootControl:
         """
         return self._read_any()[1]
 
-    def booted_slot(self, state: BootState) -> Slot | None:
+    def booted_slot(self, state: BootState) -> SlotName | None:
         return self._booted if self._booted is not None else state.booted
 
     def _write(self, base: dict[str, str], state: BootState) -> BootState:
@@ -385,12 +378,12 @@ class BootControl:
         grubenv.write_block(self.backup, block)
         return replace(state, source="primary")
 
-    def flip(self, target: Slot, tries: int) -> BootState:
+    def flip(self, target: SlotName, tries: int) -> BootState:
         """One write: ``target`` first, on trial with ``tries`` boots."""
         variables, state = self._read_any()
         return self._write(variables, flipped(state, target, tries, booted=self.booted_slot(state)))
 
-    def commit(self, booted: Slot, serial: int | None = None) -> BootState:
+    def commit(self, booted: SlotName, serial: int | None = None) -> BootState:
         """Trial to good for the slot that booted on trial, and the floor raised to the
         committed release's ``serial`` (``None``: a seed-format release has none), in one
         write. Idempotent (no write if good and the floor is already there)."""
@@ -419,12 +412,12 @@ class BootControl:
             return False
         return (backup.order, backup.a, backup.b) == (state.order, state.a, state.b)
 
-    def mark_bad(self, slot: Slot) -> BootState:
+    def mark_bad(self, slot: SlotName) -> BootState:
         """``slot`` bad and last in order."""
         variables, state = self._read_any()
         return self._write(variables, marked_bad(state, slot))
 
-    def fail_trial(self, booted: Slot) -> BootState:
+    def fail_trial(self, booted: SlotName) -> BootState:
         """Boot assessment failed: ``booted`` bad if it is on trial; no write otherwise."""
         variables, state = self._read_any()
         new = trial_failed(state, booted)
@@ -440,7 +433,7 @@ class BootControl:
             raise SlotError("cannot roll back: unknown booted slot", hint="reboot first")
         return self._write(variables, rolled_back(state, booted))
 
-    def initialize(self, good_slot: Slot) -> BootState:
+    def initialize(self, good_slot: SlotName) -> BootState:
         """A fresh environment (installer): ``good_slot`` committed, the other bad."""
         return self._write({}, initial(good_slot))
 
@@ -464,7 +457,7 @@ class BootControl:
             return True
         return not all(grubenv.is_canonical(block) for block in blocks)
 
-    def repair(self, known_good_slot: Slot) -> BootState:
+    def repair(self, known_good_slot: SlotName) -> BootState:
         """Make both copies valid again. Idempotent.
 
         A valid copy is kept (and copied over a broken one); with neither valid, the
@@ -484,7 +477,7 @@ class BootControl:
 # ---------------------------------------------------------------------------- GRUB side
 
 
-def booted_slot_from_cmdline(cmdline: str) -> Slot | None:
+def booted_slot_from_cmdline(cmdline: str) -> SlotName | None:
     """The ``organixm.slot=`` value GRUB put on the kernel command line, if any.
 
     The one parser of it (the daemon's :func:`organixmd.install.slots.booted_slot` uses it):
@@ -503,7 +496,7 @@ def render_grub_cfg(
     boot_uuid: str,
     slot_a_part: int,
     slot_b_part: int,
-    default_order: tuple[Slot, Slot] = ("a", "b"),
+    default_order: tuple[SlotName, SlotName] = ("a", "b"),
     grubenv_path: str = "/grub/grubenv",
     grubenv_backup_path: str = "/grub/grubenv.bak",
 ) -> str:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from organixmd.base.errors import BootError
+from organixmd.base.slotname import SlotName
 from organixmd.boot import grubenv
 from organixmd.boot.machine import BootControl, BootState, state_from_env
-from organixmd.install.slots import SlotName
 
 
 class GrubBootPort:

@@ -25,11 +25,11 @@ from pathlib import Path
 from organixmd.base.config import Config
 from organixmd.base.errors import BootError, PolicyError, RebootError, SlotError
 from organixmd.base.logsetup import get_logger
+from organixmd.base.slotname import SlotName, other
 from organixmd.boot.machine import BootState
 from organixmd.boot.port import GrubBootPort
 from organixmd.host.engine import Engine
 from organixmd.host.state import SlotRecord, utcnow
-from organixmd.install.slots import SlotName, other
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,7 @@ from organixmd.base.errors import (
     StateError,
 )
 from organixmd.base.logsetup import get_logger
+from organixmd.base.slotname import SlotName, other
 from organixmd.host.hostlock import HostLock
 from organixmd.host.state import (
     FailedRelease,
@@ -60,7 +61,7 @@ from organixmd.host.state import (
 )
 from organixmd.install.blockio import hash_device
 from organixmd.install.pipeline import Installer, Progress
-from organixmd.install.slots import SlotName, booted_slot, check_target, other, slot_paths
+from organixmd.install.slots import booted_slot, check_target, slot_paths
 from organixmd.release import minisign
 from organixmd.release.meta import Release, parse_meta
 from organixmd.release.sources import Source, open_source

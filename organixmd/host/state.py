@@ -20,11 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from organixmd.base.errors import StateError
 from organixmd.base.fsutil import write_atomic
+from organixmd.base.slotname import SlotName
 
 STATE_SCHEMA = "organixm.state/1"
 HISTORY_LIMIT = 200
-
-SlotName = Literal["a", "b"]
 
 
 def utcnow() -> datetime:

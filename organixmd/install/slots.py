@@ -12,19 +12,12 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from organixmd.base.config import SlotsConfig
 from organixmd.base.errors import SlotError
+from organixmd.base.slotname import SlotName
 from organixmd.boot.machine import booted_slot_from_cmdline
 from organixmd.install.blockio import device_size, round_up
-
-SlotName = Literal["a", "b"]
-SLOTS: tuple[SlotName, SlotName] = ("a", "b")
-
-
-def other(slot: SlotName) -> SlotName:
-    return "b" if slot == "a" else "a"
 
 
 def booted_slot(cmdline: Path) -> SlotName | None:

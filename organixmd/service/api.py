@@ -49,7 +49,7 @@ from organixmd import __version__
 from organixmd.base.errors import BadRequest, Busy, ConfigError, OrganixmError, PermissionDenied
 from organixmd.base.jsondepth import too_deep
 from organixmd.base.logsetup import get_logger
-from organixmd.install.slots import SLOTS
+from organixmd.base.slotname import SLOTS
 
 if TYPE_CHECKING:
     from organixmd.service.daemon import Daemon

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from organixctl.provisioner import disklayout
 from organixctl.provisioner.disklayout import MIB, DiskLayout, Partition
-from organixmd.boot.machine import BootControl, Slot
+from organixmd.base.slotname import SlotName as Slot
+from organixmd.boot.machine import BootControl
 
 BOOT_UUID = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
 SLOT_SIZE = 8 * MIB

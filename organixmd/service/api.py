@@ -39,7 +39,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -52,7 +52,9 @@ from organixmd.base.logsetup import get_logger
 from organixmd.base.slotname import SLOTS
 
 if TYPE_CHECKING:
-    from organixmd.service.daemon import Daemon
+    from organixmd.host.bootmanager import BootManager, Reboot
+    from organixmd.host.engine import Engine
+    from organixmd.host.state import Verdict
 
 API_VERSION = 1
 MAX_BODY = 16 * 1024
@@ -70,6 +72,11 @@ class EventHub:
 
     def __init__(self) -> None:
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
+
+    def listen(self, listener: Callable[[str, dict[str, Any]], None]) -> None:
+        """Call ``listener(kind, fields)`` after each event is queued for the subscribers."""
+        self._listeners.append(listener)
 
     def publish(self, kind: str, fields: dict[str, Any]) -> None:
         event = {"event": kind, "at": datetime.now(UTC).isoformat(timespec="milliseconds")}
@@ -80,6 +87,8 @@ class EventHub:
                 with contextlib.suppress(asyncio.QueueEmpty):
                     queue.get_nowait()
             queue.put_nowait(event)
+        for listener in self._listeners:
+            listener(kind, fields)
 
     def subscribe(self) -> asyncio.Queue[dict[str, Any]]:
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(EVENT_QUEUE)
@@ -189,10 +198,33 @@ def _payload_error(exc: Exception) -> str:
     return str(cause).strip()[:200]
 
 
+class Controls(Protocol):
+    """What the control socket serves from: the daemon's parts and its run state."""
+
+    @property
+    def engine(self) -> Engine: ...
+    @property
+    def manager(self) -> BootManager: ...
+    @property
+    def reboot(self) -> Reboot: ...
+    @property
+    def hub(self) -> EventHub: ...
+    @property
+    def stop(self) -> asyncio.Event: ...
+    @property
+    def started(self) -> datetime: ...
+    @property
+    def ready(self) -> bool: ...
+    @property
+    def next_check(self) -> datetime | None: ...
+
+    def start_update(self, *, force: bool, reboot: bool) -> asyncio.Task[Verdict]: ...
+
+
 class ControlServer:
     """The aiohttp application on the control socket."""
 
-    def __init__(self, config: Any, daemon: Daemon) -> None:
+    def __init__(self, config: Any, daemon: Controls) -> None:
         self.config = config
         self.daemon = daemon
         self.path: Path = config.daemon.socket

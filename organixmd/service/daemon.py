@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import signal
 import time
@@ -28,12 +27,10 @@ import structlog
 from organixmd.base.config import Config
 from organixmd.base.errors import Busy, OrganixmError
 from organixmd.base.logsetup import get_logger
-from organixmd.boot.port import GrubBootPort
 from organixmd.host.bootmanager import BootManager, Reboot
 from organixmd.host.engine import Engine, Phase
 from organixmd.host.state import Verdict
 from organixmd.service.api import ControlServer, EventHub
-from organixmd.service.compose import build_engine
 from organixmd.service.notify import Notifier, watchdog_interval
 
 SHUTDOWN_STAGE_TIMEOUT = 20.0
@@ -48,7 +45,7 @@ def format_bytes(count: float) -> str:
 
 
 class Daemon:
-    """Owns the long-lived tasks. Built by :func:`run_daemon`, the composition root."""
+    """Owns the long-lived tasks. Built by :func:`organixmd.service.compose.run_daemon`."""
 
     def __init__(
         self,
@@ -93,7 +90,7 @@ class Daemon:
         return f"{verdict.outcome}: {verdict.message}"[:200]
 
     def on_event(self, kind: str, fields: dict[str, Any]) -> None:
-        self.hub.publish(kind, fields)
+        """Listens to the event hub: keeps systemd's status line current."""
         if kind in ("phase", "verdict") or (kind == "progress" and self._status_due()):
             self.notifier.status(self.status_line())
 
@@ -210,41 +207,21 @@ def _install_signal_handlers(stop: asyncio.Event) -> Callable[[], None]:
     return restore
 
 
-def _startup_failed(log: structlog.stdlib.BoundLogger, exc: OrganixmError) -> int:
+def startup_failed(log: structlog.stdlib.BoundLogger, exc: OrganixmError) -> int:
     """One line saying what is wrong and what to do; 78 (EX_CONFIG) for configuration."""
     log.error("startup_failed", error=str(exc), code=exc.code)
     return 78 if exc.code == "config-invalid" else 1
 
 
-async def run_daemon(config: Config) -> int:
-    """The composition root of the long-running daemon. Returns the exit code."""
-    log = get_logger("organixmd.daemon", pid=os.getpid())
-    notifier = Notifier()
-    hub = EventHub()
-    daemon_ref: list[Daemon] = []
-
-    def on_event(kind: str, fields: dict[str, Any]) -> None:
-        if daemon_ref:
-            daemon_ref[0].on_event(kind, fields)
-        else:
-            hub.publish(kind, fields)
-
-    try:
-        engine = await build_engine(config, on_event=on_event)
-    except OrganixmError as exc:
-        return _startup_failed(log, exc)
-    port = engine.boot
-    assert isinstance(port, GrubBootPort)  # noqa: S101 - build_engine wires GRUB boot control
-    manager = BootManager(config, engine, port)
-    reboot = Reboot(config)
-    daemon = Daemon(config, engine, manager, reboot, hub, notifier)
-    daemon_ref.append(daemon)
-    try:
-        # Resolves socket_group and admin_group: a group missing on this host is a
-        # configuration error, reported like every other one.
-        server = ControlServer(config, daemon)
-    except OrganixmError as exc:
-        return _startup_failed(log, exc)
+async def serve(daemon: Daemon, server: ControlServer, log: structlog.stdlib.BoundLogger) -> int:
+    """Run the built daemon until SIGTERM/SIGINT. Returns the exit code."""
+    config, engine, manager, reboot, notifier = (
+        daemon.config,
+        daemon.engine,
+        daemon.manager,
+        daemon.reboot,
+        daemon.notifier,
+    )
     restore_signals = _install_signal_handlers(daemon.stop)
     try:
         await manager.reconcile()
@@ -254,7 +231,7 @@ async def run_daemon(config: Config) -> int:
         try:
             await server.start()
         except OrganixmError as exc:
-            return _startup_failed(log, exc)
+            return startup_failed(log, exc)
         log.info("started", socket=str(config.daemon.socket), booted=manager.booted)
         async with asyncio.TaskGroup() as group:
             tasks = [

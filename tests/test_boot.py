@@ -297,13 +297,6 @@ def test_repair_recreates_a_missing_environment_from_known_good_slot(tmp_path: P
     assert ctl.repair("b") == state
 
 
-def test_fail_trial_marks_bad_only_on_trial(control: BootControl) -> None:
-    """A failed assessment on a committed slot writes nothing."""
-    inode = control.primary.stat().st_ino
-    assert control.fail_trial("a").a.state == "good"
-    assert control.primary.stat().st_ino == inode
-
-
 # ---------------------------------------------------------------------------- GRUB side
 
 

@@ -417,14 +417,6 @@ class BootControl:
         variables, state = self._read_any()
         return self._write(variables, marked_bad(state, slot))
 
-    def fail_trial(self, booted: SlotName) -> BootState:
-        """Boot assessment failed: ``booted`` bad if it is on trial; no write otherwise."""
-        variables, state = self._read_any()
-        new = trial_failed(state, booted)
-        if new == state:
-            return state
-        return self._write(variables, new)
-
     def rollback(self) -> BootState:
         """Put the other (good) slot first; the running one stays good as a fallback."""
         variables, state = self._read_any()

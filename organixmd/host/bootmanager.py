@@ -17,7 +17,6 @@ Writes to the environment block on fsync and run in worker threads.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -29,7 +28,7 @@ from organixmd.base.slotname import SlotName, other
 from organixmd.boot.machine import BootState
 from organixmd.boot.port import GrubBootPort
 from organixmd.host.engine import Engine
-from organixmd.host.state import SlotRecord, utcnow
+from organixmd.host.state import SlotRecord, Verdict, utcnow
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,6 +372,29 @@ class Reboot:
             return False
         return await self.run(why)
 
+    async def after_check(self, verdict: Verdict, why: str, *, now: bool = False) -> None:
+        """The one reboot decision after a check.
+
+        Only a release this check staged (outcome and code ``staged``) asks for a
+        reboot: at once when ``now`` (the admin asked for it; a failure is raised),
+        otherwise by policy (a failure is logged; the reason stays pending).
+        """
+        if verdict.outcome != "staged" or verdict.code != "staged":
+            return
+        if now:
+            await self.run(why)
+        else:
+            await self._reboot_or_log(why, policy=True)
+
+    async def _reboot_or_log(self, why: str, *, policy: bool = False) -> None:
+        try:
+            if policy:
+                await self.request(why)
+            else:
+                await self.run(why)
+        except RebootError as exc:
+            self.log.error("reboot_failed", reason=why, error=str(exc))
+
     async def run(self, why: str) -> bool:
         self.log.warning("rebooting", reason=why, command=" ".join(self.config.reboot_command))
         command = " ".join(self.config.reboot_command)
@@ -401,8 +423,7 @@ class Reboot:
         while True:
             if self.pending is not None and self.config.reboot == "window":
                 if self.in_window():
-                    with contextlib.suppress(RebootError):
-                        await self.run(self.pending)
+                    await self._reboot_or_log(self.pending)
                     return
                 await asyncio.sleep(min(self.seconds_until_window(), 3600))
             else:

@@ -23,7 +23,6 @@ import hashlib
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
@@ -749,7 +748,3 @@ class Engine:
         if persist:
             await self.persist()
         return failed
-
-
-def describe_time(value: datetime | None) -> str:
-    return value.isoformat(timespec="seconds") if value else "never"

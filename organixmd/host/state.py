@@ -146,10 +146,6 @@ class StateStore:
     def encode(state: State) -> bytes:
         return state.model_dump_json(by_alias=True, indent=1).encode()
 
-    def save(self, state: State) -> None:
-        """Encode and write ``state``. Blocking; runs in a worker thread."""
-        self.write(self.encode(state))
-
     def write(self, data: bytes) -> None:
         """Write encoded state atomically and durably. Blocking; runs in a worker thread."""
         try:

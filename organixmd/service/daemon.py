@@ -106,10 +106,8 @@ class Daemon:
     async def run_check(self, *, install: bool = True, force: bool = False) -> Verdict:
         """One check; after staging, reboot according to policy."""
         verdict = await self.engine.check(install=install, force=force)
-        if verdict.outcome == "staged" and verdict.code == "staged":
-            version = verdict.release.version if verdict.release else "release"
-            with contextlib.suppress(OrganixmError):
-                await self.reboot.request(f"{version} staged")
+        version = verdict.release.version if verdict.release else "release"
+        await self.reboot.after_check(verdict, f"{version} staged")
         return verdict
 
     def start_update(self, *, force: bool, reboot: bool) -> asyncio.Task[Verdict]:
@@ -120,12 +118,8 @@ class Daemon:
 
         async def update() -> Verdict:
             verdict = await self.engine.check(install=True, force=force)
-            if verdict.outcome == "staged" and verdict.code == "staged":
-                if reboot:
-                    await self.reboot.run("admin asked for a reboot after the update")
-                else:
-                    with contextlib.suppress(OrganixmError):
-                        await self.reboot.request("update staged")
+            why = "admin asked for a reboot after the update" if reboot else "update staged"
+            await self.reboot.after_check(verdict, why, now=reboot)
             return verdict
 
         task = self.spawn(update())

@@ -1,4 +1,4 @@
-"""The packages import only downward, and no two packages import each other.
+"""The packages import only downward; no two packages and no two modules import each other.
 
 Every module of ``organixmd`` and ``organixctl`` is parsed (not imported) with
 :mod:`ast`; each import of an organixm module, at any depth (function-local and
@@ -147,6 +147,20 @@ def package_cycles(edges: list[tuple[str, int, str, str]]) -> list[list[str]]:
     for module, _, _, target_layer in edges:
         if layer_of(module) != target_layer:
             graph[layer_of(module)].add(target_layer)
+    return cycles_in(graph)
+
+
+def module_cycles(edges: list[tuple[str, int, str, str]]) -> list[list[str]]:
+    """Cycles between modules (``TYPE_CHECKING`` and function-local imports count)."""
+    modules = {module for module, _, _, _ in edges}
+    graph: dict[str, set[str]] = {module: set() for module in modules}
+    for module, _, target, _ in edges:
+        if target in modules and target != module:
+            graph[module].add(target)
+    return cycles_in(graph)
+
+
+def cycles_in(graph: dict[str, set[str]]) -> list[list[str]]:
     cycles: list[list[str]] = []
     state: dict[str, int] = {}
     stack: list[str] = []
@@ -184,6 +198,10 @@ def test_no_cycles_between_packages() -> None:
     assert package_cycles(import_edges()) == []
 
 
+def test_no_cycles_between_modules() -> None:
+    assert module_cycles(import_edges()) == []
+
+
 def test_the_check_catches_an_upward_import_and_a_cycle(tmp_path: Path) -> None:
     """A planted import of the service layer from the boot layer is reported, with the
     cycle it closes (service imports boot)."""
@@ -201,6 +219,7 @@ def test_the_check_catches_an_upward_import_and_a_cycle(tmp_path: Path) -> None:
     assert "organixmd.boot may not import organixmd.service" in found[0]
     cycles = package_cycles(edges)
     assert any({"organixmd.boot", "organixmd.service"} <= set(cycle) for cycle in cycles), cycles
+    assert any("organixmd.boot.port" in cycle for cycle in module_cycles(edges))
 
 
 @pytest.mark.parametrize(

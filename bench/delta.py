@@ -45,12 +45,12 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from organixmd import delta
-from organixmd.config import SourceConfig
-from organixmd.meta import Release, parse_meta
-from organixmd.pipeline import Installer
-from organixmd.publish import PublishRequest, publish
-from organixmd.sources import open_source
+from organixctl.publisher.publish import PublishRequest, publish
+from organixmd.base.config import SourceConfig
+from organixmd.install import delta
+from organixmd.install.pipeline import Installer
+from organixmd.release.meta import Release, parse_meta
+from organixmd.release.sources import open_source
 from tests.support.nginx import start_nginx
 from tests.support.throttle import Throttle
 

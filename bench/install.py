@@ -73,9 +73,9 @@ def read_status_kib(field_name: str, pid: str = "self") -> int:
 
 def child(config_path: Path) -> int:
     """One check (and install) with the daemon's own engine; prints one JSON line."""
-    from organixmd import logsetup
-    from organixmd.compose import build_engine
-    from organixmd.config import load_config
+    from organixmd.base import logsetup
+    from organixmd.base.config import load_config
+    from organixmd.service.compose import build_engine
 
     logsetup.configure("warning")
 
@@ -131,7 +131,7 @@ def build_inputs(
     name: str, size: int, payload: int, tree: Path | None, seed: int, chunk: int = CHUNK
 ) -> Published:
     """A real ext4 image (``mkfs.ext4 -d``) published as a release; reused when present."""
-    from organixmd.meta import parse_meta
+    from organixmd.release.meta import parse_meta
     from tests.support.images import make_ext4_image
     from tests.support.releases import build_release
 
@@ -159,7 +159,7 @@ def build_inputs(
 
 def republish(base: Published, chunk: int) -> Published:
     """The same image published with another chunk size (for the chunk-size scaling)."""
-    from organixmd.meta import parse_meta
+    from organixmd.release.meta import parse_meta
     from tests.support.releases import build_release
 
     name = f"{base.name}-c{chunk // MiB}m"
@@ -306,7 +306,7 @@ def install(
     extra: str = "",
 ) -> InstallRun:
     """One fresh install (empty state) of ``url`` into ``slot_b`` in a child process."""
-    from organixmd.boot import BootControl
+    from organixmd.boot.machine import BootControl
 
     run = WORK / "runs" / label
     if run.exists():

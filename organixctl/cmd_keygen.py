@@ -80,8 +80,8 @@ def _password_from_terminal() -> bytes | str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from organixmd.errors import OrganixmError
-    from organixmd.minisign import SecretKey
+    from organixmd.base.errors import OrganixmError
+    from organixmd.release.minisign import SecretKey
 
     secret_path: Path = args.secret_key
     public_path: Path = args.public_key

@@ -85,7 +85,7 @@ def _confirm(target: Path) -> bool:
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
-    from organixmd.errors import OrganixmError
+    from organixmd.base.errors import OrganixmError
 
     try:
         return asyncio.run(_provision(args))
@@ -98,9 +98,9 @@ async def _provision(args: argparse.Namespace) -> int:
     import asyncio
     import time
 
-    from organixmd import provision
-    from organixmd.sources import open_source
-    from organixmd.trust import fetch_release, load_keys, source_config
+    from organixctl.provisioner import provision
+    from organixmd.release.sources import open_source
+    from organixmd.release.trust import fetch_release, load_keys, source_config
 
     target: Path = provision.choose_first_disk() if args.first_disk else args.disk
     provision.check_not_in_use(target)

@@ -170,9 +170,8 @@ def run(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
-    from organixmd.errors import ConfigError, OrganixmError
-    from organixmd.image import check_chunk_size
-    from organixmd.publish import (
+    from organixctl.publisher.image import check_chunk_size
+    from organixctl.publisher.publish import (
         PublishRequest,
         check_release_fields,
         check_signing,
@@ -180,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
         publish,
         split_target,
     )
-    from organixmd.s3client import S3Settings
+    from organixmd.base.errors import ConfigError, OrganixmError
+    from organixmd.release.s3client import S3Settings
 
     try:
         check_release_fields(

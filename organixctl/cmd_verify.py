@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
-    from organixmd.errors import OrganixmError
+    from organixmd.base.errors import OrganixmError
 
     try:
         return asyncio.run(_verify(args))
@@ -49,9 +49,9 @@ def run(args: argparse.Namespace) -> int:
 async def _verify(args: argparse.Namespace) -> int:
     import time
 
-    from organixmd.pipeline import Installer
-    from organixmd.sources import open_source
-    from organixmd.trust import fetch_release, load_keys, source_config
+    from organixmd.install.pipeline import Installer
+    from organixmd.release.sources import open_source
+    from organixmd.release.trust import fetch_release, load_keys, source_config
 
     config = source_config(
         args.meta, endpoint=args.endpoint, region=args.region, anonymous=args.anonymous

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from enum import IntEnum
 from pathlib import Path
 
-from organixmd.config import DEFAULT_CONFIG_PATH, Config, load_config
-from organixmd.errors import OrganixmError
-from organixmd.state import Verdict
+from organixmd.base.config import DEFAULT_CONFIG_PATH, Config, load_config
+from organixmd.base.errors import OrganixmError
+from organixmd.host.state import Verdict
 
 
 class OnceExit(IntEnum):
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from organixmd import logsetup
+    from organixmd.base import logsetup
 
     try:
         config = load_config(args.config)
@@ -89,20 +89,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     logsetup.configure(args.log_level or config.daemon.log_level)
     if args.once:
         return asyncio.run(_once(config, install=not args.check_only, force=args.force))
-    from organixmd.daemon import run_daemon
+    from organixmd.service.compose import run_daemon
 
     return asyncio.run(run_daemon(config))
 
 
 async def _once(config: Config, *, install: bool, force: bool) -> int:
-    from organixmd.compose import build_engine
+    from organixmd.service.compose import build_host
 
     try:
-        engine = await build_engine(config)
+        host = await build_host(config)
     except OrganixmError as exc:
         print(f"organixmd: {exc}", file=sys.stderr)
         return OnceExit.CONFIG if exc.code == "config-invalid" else OnceExit.ERROR
-    verdict = await engine.check(install=install, force=force)
+    verdict = await host.engine.check(install=install, force=force)
     print(f"{verdict.outcome}: {verdict.message}")
     return exit_code_for(verdict)
 

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from organixmd.boot import BootControl
+from organixmd.boot.machine import BootControl
 from tests.support.images import make_ext4_image
 from tests.support.s3 import start_moto
 

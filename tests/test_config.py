@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from organixmd.config import load_config, parse_config
-from organixmd.errors import ConfigError
+from organixmd.base.config import load_config, parse_config
+from organixmd.base.errors import ConfigError
 from tests.support.daemon import REPO, DaemonProcess, Host, prepare_host
 
 MINIMAL = '[source]\nurl = "s3://fleet/releases/kiosk"\n'

@@ -22,14 +22,15 @@ from typing import Any
 
 import pytest
 
-from organixmd import delta
-from organixmd.config import SourceConfig
-from organixmd.errors import ImageError
-from organixmd.meta import MetaV1, parse_meta
-from organixmd.minisign import SecretKey
-from organixmd.publish import PublishRequest, publish
-from organixmd.s3client import S3Settings
-from organixmd.sources import open_source
+from organixctl.publisher.publish import PublishRequest, publish
+from organixmd.base.config import SourceConfig
+from organixmd.base.errors import ImageError
+from organixmd.install import delta
+from organixmd.release import delta as delta_format
+from organixmd.release.meta import MetaV1, parse_meta
+from organixmd.release.minisign import SecretKey
+from organixmd.release.s3client import S3Settings
+from organixmd.release.sources import open_source
 from tests.support.daemon import (
     SLOT_SIZE,
     DaemonProcess,
@@ -286,8 +287,8 @@ def test_corrupted_local_block_is_refetched_never_trusted(tmp_path: Path, images
             found = local.source(victim)
             assert found is not None
             with slot_a.open("r+b") as handle:
-                handle.seek(found[1] * delta.BLOCK_SIZE)
-                handle.write(os.urandom(delta.BLOCK_SIZE))
+                handle.seek(found[1] * delta_format.BLOCK_SIZE)
+                handle.write(os.urandom(delta_format.BLOCK_SIZE))
             installer = delta.DeltaInstaller(release, source, slot_b, plan)
             await installer.run(0, None)
             return installer, victim
@@ -378,7 +379,7 @@ def test_unsigned_index_is_not_used_when_keys_are_trusted(tmp_path: Path, images
     pub.mkdir()
     publish_release(images.old, str(pub / "host"), "1.0", 1, key=key_path)
     meta = publish_release(images.new, str(pub / "host"), "2.0", 2, key=key_path)
-    index = pub / delta.index_name(meta.image.object)
+    index = pub / delta_format.index_name(meta.image.object)
     (index.parent / (index.name + ".minisig")).unlink()
     host = prepare_host(tmp_path / "host", f"file://{pub}/host", installed=images.old)
     try:
@@ -403,17 +404,17 @@ def test_index_for_another_image_or_damaged_is_refused(tmp_path: Path, images: I
     pub.mkdir()
     v1 = publish_release(images.old, str(pub / "host"), "1.0", 1)
     v2 = publish_release(images.new, str(pub / "host"), "2.0", 2)
-    data = (pub / delta.index_name(v2.image.object)).read_bytes()
-    parsed = delta.parse_index(data, v2.image, source="i")
-    assert parsed.blocks == IMAGE // delta.BLOCK_SIZE
+    data = (pub / delta_format.index_name(v2.image.object)).read_bytes()
+    parsed = delta_format.parse_index(data, v2.image, source="i")
+    assert parsed.blocks == IMAGE // delta_format.BLOCK_SIZE
     with pytest.raises(ImageError, match="not the meta's"):
-        delta.parse_index(data, v1.image, source="i")
+        delta_format.parse_index(data, v1.image, source="i")
     import zstandard
 
     payload = zstandard.ZstdDecompressor().decompress(data)
     cut = zstandard.ZstdCompressor().compress(payload[:-8])
     with pytest.raises(ImageError, match="bytes of tables"):
-        delta.parse_index(cut, v2.image, source="i")
+        delta_format.parse_index(cut, v2.image, source="i")
     head, _, rest = payload.partition(b"\n")
     header, _, tables = rest.partition(b"\n")
     extra = json.loads(header) | {"more": 1}
@@ -421,4 +422,4 @@ def test_index_for_another_image_or_damaged_is_refused(tmp_path: Path, images: I
         head + b"\n" + json.dumps(extra).encode() + b"\n" + tables
     )
     with pytest.raises(ImageError, match="header fields"):
-        delta.parse_index(odd, v2.image, source="i")
+        delta_format.parse_index(odd, v2.image, source="i")

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from organixmd import disklayout
-from organixmd.disklayout import MIB, SECTOR
-from organixmd.errors import BootError
+from organixctl.provisioner import disklayout
+from organixctl.provisioner.disklayout import MIB, SECTOR
+from organixmd.base.errors import BootError
 
 
 def test_layout_is_contiguous_aligned_and_named() -> None:

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from organixmd import boot, grubenv
-from organixmd.boot import BootState, Slot, SlotBoot
-from organixmd.disklayout import MIB, write_at
-from organixmd.meta import BootEntry
+from organixctl.provisioner.disklayout import MIB, write_at
+from organixmd.base.slotname import SlotName as Slot
+from organixmd.boot import grubenv
+from organixmd.boot import machine as boot
+from organixmd.boot.machine import BootState, SlotBoot
+from organixmd.release.meta import BootEntry
 from tests.support.disk import BootDisk, boot_control, build_boot_disk, copy_disk, mounted
 from tests.support.images import make_ext4_image
 from tests.support.qemu import FIRMWARES, BootResult, boot_emu, boot_qemu

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from organixmd import grubenv
-from organixmd.boot import BootControl
-from organixmd.errors import BootError
+from organixmd.base.errors import BootError
+from organixmd.boot import grubenv
+from organixmd.boot.machine import BootControl
 from tests.test_slots import LoopDevices
 
 NAMES = ["organixm_order", "organixm_a_state", "organixm_b_tries", "x", "long_name_" * 3]

@@ -15,14 +15,14 @@ import pytest
 import pyzstd
 import zstandard
 
-from organixmd.errors import Cancelled, ConfigError, ImageError
-from organixmd.image import (
+from organixctl.publisher.image import (
     SEEKABLE_MAGIC,
     WrittenImage,
     read_seek_table,
     write_image,
 )
-from organixmd.meta import MetaV1, now_utc
+from organixmd.base.errors import Cancelled, ConfigError, ImageError
+from organixmd.release.meta import MetaV1, now_utc
 from tests.support.images import DEFAULT_BOOT, make_ext4_image
 
 CHUNK = 64 * 1024

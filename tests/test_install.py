@@ -13,14 +13,14 @@ from typing import Any
 import pytest
 import zstandard
 
-from organixmd.config import parse_config
-from organixmd.engine import Engine, load_public_keys
-from organixmd.errors import ImageError, ImageMismatch
-from organixmd.meta import Release, parse_meta
-from organixmd.minisign import SecretKey
-from organixmd.pipeline import Installer
-from organixmd.sources import ByteStream, FileSource
-from organixmd.state import StateStore
+from organixmd.base.config import parse_config
+from organixmd.base.errors import ImageError, ImageMismatch
+from organixmd.host.engine import Engine, load_public_keys
+from organixmd.host.state import StateStore
+from organixmd.install.pipeline import Installer
+from organixmd.release.meta import Release, parse_meta
+from organixmd.release.minisign import SecretKey
+from organixmd.release.sources import ByteStream, FileSource
 from tests.support.images import make_ext4_image, sha256_file
 from tests.support.releases import build_legacy_release, build_release
 
@@ -329,9 +329,9 @@ async def test_admin_cancel_ends_install_with_verdict(tmp_path: Path, rootfs: Pa
 
 async def test_target_marked_bad_while_written_then_flipped(tmp_path: Path, rootfs: Path) -> None:
     """GRUB never sees the slot being written as good; once verified it is flipped to trial."""
-    from organixmd import grubenv
-    from organixmd.boot import BootControl
-    from organixmd.bootport import GrubBootPort
+    from organixmd.boot import grubenv
+    from organixmd.boot.machine import BootControl
+    from organixmd.boot.port import GrubBootPort
 
     host = Host(tmp_path)
     control = BootControl(tmp_path / "grubenv", tmp_path / "grubenv.bak")
@@ -362,9 +362,9 @@ async def test_invalidation_cut_between_its_renames_is_redone_before_the_write(
 ) -> None:
     """Killed between the primary's rename and the backup's, an invalidation left the backup
     calling slot b bootable; the next install marks b bad in both copies before writing it."""
-    from organixmd import grubenv
-    from organixmd.boot import BootControl, state_from_env
-    from organixmd.bootport import GrubBootPort
+    from organixmd.boot import grubenv
+    from organixmd.boot.machine import BootControl, state_from_env
+    from organixmd.boot.port import GrubBootPort
 
     host = Host(tmp_path)
     primary, backup = tmp_path / "grubenv", tmp_path / "grubenv.bak"
@@ -412,8 +412,8 @@ async def test_readback_catches_what_the_device_lost(tmp_path: Path, rootfs: Pat
 
 async def test_no_flip_without_readback(tmp_path: Path, rootfs: Path) -> None:
     """With install.readback = false the slot is written and stream-verified but never flipped."""
-    from organixmd.boot import BootControl
-    from organixmd.bootport import GrubBootPort
+    from organixmd.boot.machine import BootControl
+    from organixmd.boot.port import GrubBootPort
 
     host = Host(tmp_path)
     control = BootControl(tmp_path / "grubenv", tmp_path / "grubenv.bak")
@@ -567,9 +567,9 @@ async def test_cmdline_and_env_disagreeing_writes_neither_slot(
     tmp_path: Path, rootfs: Path, env: dict[str, str], why: str
 ) -> None:
     """organixm.slot=b while the env says b is bad (or GRUB booted a): nothing is written."""
-    from organixmd import grubenv
-    from organixmd.boot import BootControl
-    from organixmd.bootport import GrubBootPort
+    from organixmd.boot import grubenv
+    from organixmd.boot.machine import BootControl
+    from organixmd.boot.port import GrubBootPort
 
     host = Host(tmp_path, booted="b")
     primary, backup = tmp_path / "grubenv", tmp_path / "grubenv.bak"

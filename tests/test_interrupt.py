@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from organixmd import grubenv
-from organixmd.boot import state_from_env
+from organixmd.boot import grubenv
+from organixmd.boot.machine import state_from_env
 from tests.support.daemon import (
     DaemonProcess,
     make_images,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from organixmd.boot import BootControl
-from organixmd.journal import MESSAGE_IDS
+from organixmd.base.journal import MESSAGE_IDS
+from organixmd.boot.machine import BootControl
 from tests.support.images import make_ext4_image
 from tests.support.releases import build_release
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from organixmd.compose import build_engine
-from organixmd.config import load_config
+from organixmd.base.config import load_config
+from organixmd.service.compose import build_engine
 from tests.support.images import make_ext4_image, sha256_file
 from tests.support.nginx import start_nginx
 from tests.support.releases import build_release

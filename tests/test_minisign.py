@@ -15,8 +15,8 @@ import pytest
 
 from organixctl.cli import main as organixctl_main
 from organixctl.exitcodes import Exit
-from organixmd.errors import KeyFileError, SignatureError
-from organixmd.minisign import (
+from organixmd.base.errors import KeyFileError, SignatureError
+from organixmd.release.minisign import (
     MAX_SIGNATURE_BYTES,
     PublicKey,
     SecretKey,

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from organixmd import disklayout
-from organixmd.boot import BootControl
-from organixmd.disklayout import MIB, Partition
-from organixmd.meta import parse_meta
-from organixmd.provision import make_plan
+from organixctl.provisioner import disklayout
+from organixctl.provisioner.disklayout import MIB, Partition
+from organixctl.provisioner.provision import make_plan
+from organixmd.boot.machine import BootControl
+from organixmd.release.meta import parse_meta
 from tests.support.images import make_ext4_image
 from tests.support.qemu import boot_qemu
 from tests.support.releases import build_release
@@ -220,7 +220,7 @@ def test_mounted_target_refused(releases: tuple[Path, Path], tmp_path: Path) -> 
 
 def test_first_disk_refuses_when_not_exactly_one(releases: tuple[Path, Path]) -> None:
     """--first-disk lists the candidates and refuses unless exactly one is usable."""
-    from organixmd.provision import list_candidates
+    from organixctl.provisioner.provision import list_candidates
 
     usable = [c for c in list_candidates() if c.why_not is None]
     result = provision("--first-disk", "--release", releases[0], "--dry-run")

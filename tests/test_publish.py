@@ -21,11 +21,11 @@ import zstandard
 
 from organixctl import cmd_publish
 from organixctl.exitcodes import Exit
-from organixmd.errors import ConfigError, MetaError, SourceNotFound
-from organixmd.image import read_seek_table
-from organixmd.meta import parse_meta
-from organixmd.minisign import PublicKey, SecretKey, verify
-from organixmd.s3client import (
+from organixctl.publisher.image import read_seek_table
+from organixmd.base.errors import ConfigError, MetaError, SourceNotFound
+from organixmd.release.meta import parse_meta
+from organixmd.release.minisign import PublicKey, SecretKey, verify
+from organixmd.release.s3client import (
     S3Settings,
     load_credentials_file,
     open_client,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from organixmd import grubenv
-from organixmd.bootmanager import Reboot
-from organixmd.config import parse_config
+from organixmd.base.config import parse_config
+from organixmd.boot import grubenv
+from organixmd.host.bootmanager import Reboot
 from tests.support.daemon import DaemonProcess, Host, make_images, prepare_host, request
 from tests.support.releases import build_release
 

@@ -20,7 +20,7 @@ from typing import Any
 import boto3
 import pytest
 
-from organixmd.boot import BootControl, BootState
+from organixmd.boot.machine import BootControl, BootState
 from tests.support.faultproxy import Fault, FaultProxy
 from tests.support.images import make_ext4_image, sha256_file
 from tests.support.nginx import Nginx, start_nginx

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from organixmd.boot import BootControl, BootState, write_boot_env
-from organixmd.meta import BootEntry
+from organixmd.boot.machine import BootControl, BootState, write_boot_env
+from organixmd.release.meta import BootEntry
 
 ROOT = Path(__file__).resolve().parents[2]
 GUEST_FILES = Path(__file__).parent / "guest"

@@ -5,7 +5,7 @@ mutations of a valid ``organixm.meta/1`` document and of a seed descriptor
 (wrong types, out-of-range numbers, missing and unknown keys, traversal and
 absolute URLs in object names, chunk tables that do not add up, unicode
 oddities), byte-level damage to their serialised forms, random bytes, and huge
-or deeply nested JSON. Each one goes through :func:`organixmd.meta.parse_meta`,
+or deeply nested JSON. Each one goes through :func:`organixmd.release.meta.parse_meta`,
 which must either parse it or raise :class:`MetaError`: any other exception is
 a failure. A seeded sample is then signed and published as the meta of a real
 daemon's file source, and ``POST /v1/check`` must answer a verdict with a clear
@@ -28,10 +28,10 @@ from typing import Any
 
 import pytest
 
-from organixmd.boot import BootControl
-from organixmd.errors import MetaError
-from organixmd.meta import MAX_META_BYTES, MAX_META_DEPTH, parse_meta
-from organixmd.minisign import SecretKey
+from organixmd.base.errors import MetaError
+from organixmd.boot.machine import BootControl
+from organixmd.release.meta import MAX_META_BYTES, MAX_META_DEPTH, parse_meta
+from organixmd.release.minisign import SecretKey
 from tests.faults.report import FaultReport, Row, count_tracebacks
 from tests.support.daemon import DaemonProcess, Host, make_images, prepare_host, request
 from tests.support.releases import BuiltRelease, build_release

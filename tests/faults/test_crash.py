@@ -47,10 +47,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from organixmd import grubenv
-from organixmd.boot import BootState, state_from_env
-from organixmd.errors import BootError
-from organixmd.meta import MetaV1
+from organixmd.base.errors import BootError
+from organixmd.boot import grubenv
+from organixmd.boot.machine import BootState, state_from_env
+from organixmd.release.meta import MetaV1
 from tests.faults.report import FaultReport, Row, count_tracebacks
 from tests.support.daemon import (
     DaemonProcess,

@@ -41,7 +41,7 @@ from typing import Any
 
 import pytest
 
-from organixmd.boot import predict_boot
+from organixmd.boot.machine import predict_boot
 from tests.faults.report import FaultReport, Row, count_tracebacks
 from tests.faults.test_network import (
     CHECK_LIMIT,

@@ -29,9 +29,10 @@ from pathlib import Path
 
 import pytest
 
-from organixmd import boot, grubenv
-from organixmd.boot import BootState, SlotBoot
-from organixmd.disklayout import MIB
+from organixctl.provisioner.disklayout import MIB
+from organixmd.boot import grubenv
+from organixmd.boot import machine as boot
+from organixmd.boot.machine import BootState, SlotBoot
 from tests.faults.report import FaultReport, Row
 from tests.support.disk import BootDisk, build_boot_disk
 from tests.support.qemu import BootResult, boot_emu, boot_qemu

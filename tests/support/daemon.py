@@ -2,11 +2,11 @@
 
 :func:`prepare_host` lays out what a host has: two file-backed slots, a kernel
 command line saying ``organixm.slot=a``, a GRUB environment (primary and backup)
-initialised by :class:`organixmd.boot.BootControl` as the installer does, and the
+initialised by :class:`organixmd.boot.machine.BootControl` as the installer does, and the
 daemon's TOML configuration. :class:`DaemonProcess` starts the real daemon
 (``python -m organixmd.cli --config ...``) as a subprocess, waits for its socket
 and stops it with SIGTERM. :meth:`Host.reboot` plays GRUB at the next boot: it
-applies the decision :func:`organixmd.boot.predict_boot` computes (the same
+applies the decision :func:`organixmd.boot.machine.predict_boot` computes (the same
 rules as grub.cfg, held together by the grub-emu tests) and writes the
 ``organixm.slot=`` the kernel would get.
 
@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from organixmd import grubenv
-from organixmd.boot import BootControl, BootState, Decision, env_from_state, predict_boot
+from organixmd.boot import grubenv
+from organixmd.boot.machine import BootControl, BootState, Decision, env_from_state, predict_boot
 from tests.support.nginx import Nginx
 
 REPO = Path(__file__).resolve().parents[2]

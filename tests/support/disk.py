@@ -1,6 +1,6 @@
 """Bootable GPT disk image files for the GRUB tests (no root, no loop devices to build).
 
-The layout and every install step are :mod:`organixmd.disklayout`'s, the same code
+The layout and every install step are :mod:`organixctl.provisioner.disklayout`'s, the same code
 the installer runs against a real disk; this module only picks small sizes and
 offers a way to edit the boot partition between boots.
 """
@@ -14,9 +14,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from organixmd import disklayout
-from organixmd.boot import BootControl, Slot
-from organixmd.disklayout import MIB, DiskLayout, Partition
+from organixctl.provisioner import disklayout
+from organixctl.provisioner.disklayout import MIB, DiskLayout, Partition
+from organixmd.base.slotname import SlotName as Slot
+from organixmd.boot.machine import BootControl
 
 BOOT_UUID = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
 SLOT_SIZE = 8 * MIB

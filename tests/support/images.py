@@ -8,8 +8,8 @@ import random
 import subprocess
 from pathlib import Path
 
-from organixmd.boot import write_boot_env
-from organixmd.meta import BootEntry
+from organixmd.boot.machine import write_boot_env
+from organixmd.release.meta import BootEntry
 
 #: Where a slot image carries its boot entry for GRUB (see docs/boot.md).
 BOOT_ENV_PATH = "organixm/boot.env"

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import zstandard
 
-from organixmd.image import write_image
-from organixmd.meta import BootEntry, MetaV1
-from organixmd.minisign import SecretKey
+from organixctl.publisher.image import write_image
+from organixmd.release.meta import BootEntry, MetaV1
+from organixmd.release.minisign import SecretKey
 from tests.support.images import DEFAULT_BOOT
 
 

@@ -28,7 +28,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from organixmd.meta import BootEntry
+from organixmd.release.meta import BootEntry
 from tests.support.images import make_ext4_image, populate_tree
 
 CACHE = Path(os.environ.get("ORGANIXM_TEST_CACHE", "/var/cache/organixm-tests"))

@@ -1,0 +1,70 @@
+"""Fetch a release descriptor and check it before anything trusts it (invariant 5).
+
+Used by ``organixctl verify`` and ``organixctl provision``; the daemon's engine
+runs the same checks with conditional requests on top.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from organixmd.base.config import SourceConfig
+from organixmd.base.errors import ConfigError, SignatureError
+from organixmd.release import minisign
+from organixmd.release.meta import Release, parse_meta
+from organixmd.release.sources import Source
+
+
+def base_url(meta: str) -> str:
+    """The release URL a ``.meta`` location belongs to (a bare path becomes ``file://``)."""
+    if not meta.endswith(".meta"):
+        raise ConfigError(f"{meta!r} does not name a .meta object (NAME.meta)")
+    base = meta[: -len(".meta")]
+    if "://" not in base:
+        base = "file://" + str(Path(base).resolve())
+    return base
+
+
+def source_config(
+    meta: str, *, endpoint: str | None = None, region: str = "us-east-1", anonymous: bool = False
+) -> SourceConfig:
+    url = base_url(meta)
+    try:
+        return SourceConfig(
+            url=url,
+            s3_endpoint=endpoint,
+            s3_region=region,
+            credentials="anonymous" if anonymous else "env",
+        )
+    except ValueError as exc:
+        raise ConfigError(f"release URL {url!r}: {exc}") from exc
+
+
+def load_keys(texts: Sequence[str]) -> list[minisign.PublicKey]:
+    """Keys given as ``.pub`` file paths or bare base64 lines."""
+    keys = []
+    for text in texts:
+        path = Path(text)
+        keys.append(
+            minisign.PublicKey.load(path) if path.is_file() else minisign.PublicKey.parse(text)
+        )
+    return keys
+
+
+async def fetch_release(
+    source: Source, keys: Sequence[minisign.PublicKey]
+) -> tuple[Release, minisign.Verified | None]:
+    """The release at ``source``: signature checked when ``keys`` are given, schema always."""
+    fetched = await source.fetch_meta(None)
+    if fetched is None:
+        raise SignatureError(f"{source.meta_url}: the source answered 'not modified' unasked")
+    verified = None
+    if keys:
+        signature = await source.fetch_signature()
+        if signature is None:
+            raise SignatureError(
+                f"{source.signature_url}: no signature, and trusted keys were given"
+            )
+        verified = minisign.verify(fetched.data, signature.data, list(keys))
+    return parse_meta(fetched.data, source=source.meta_url), verified

@@ -307,7 +307,9 @@ def test_killed_delta_install_resumes(tmp_path: Path, images: Images) -> None:
     meta = publish_release(images.unrelated, str(pub / "host"), "2.0", 2)
     # Slot b holds half of what 2.0 needs (nothing of it is in slot a), so the delta
     # fetches a lot, slowly: there is time to kill it.
-    server = start_nginx(pub, tmp_path / "nginx", limit_rate="2m")
+    # 256 KiB/s per connection, four at a time: about 7 s for what 2.0 needs from the
+    # server, far longer than the status calls before the kill.
+    server = start_nginx(pub, tmp_path / "nginx", limit_rate="256k")
     host = prepare_host(tmp_path / "host", f"{server.url}/host", installed=images.old)
     with images.unrelated.open("rb") as source, host.slots["b"].open("r+b") as target:
         target.write(source.read(IMAGE // 2))
@@ -329,6 +331,9 @@ def test_killed_delta_install_resumes(tmp_path: Path, images: Images) -> None:
         assert "reused locally" in shown.stdout, shown.stdout
         checkpoint = host.state()["progress"]["chunks_done"]
         assert 0 < checkpoint < len(meta.image.chunks)
+        # The rest comes at full speed.
+        server.stop()
+        server = start_nginx(pub, tmp_path / "nginx", port=server.port)
         status, _ = run_boot_check(host)
         assert digest(host.slots["b"], IMAGE) == digest(images.unrelated, IMAGE)
         assert status["verdict"]["code"] == "staged", status["verdict"]

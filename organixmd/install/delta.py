@@ -424,7 +424,6 @@ class DeltaInstaller:
         self.on_verify = on_verify
         self.slot_offset = slot_offset
         self.refetched_chunks = 0
-        self.refetched_frames = 0
         self.stream_seconds = 0.0
 
     async def run(self, start_chunk: int = 0, etag: str | None = None) -> InstallResult:

@@ -569,17 +569,22 @@ class S3Source(Source):
         response = await self._get(
             key, "fetch range of", Range=f"bytes={start}-{start + length - 1}"
         )
+        data = await self._read_body(response, length, "fetch range of", where)
+        return _whole_range(data, length, start, where)
+
+    async def _read_body(self, response: Any, limit: int, action: str, where: str) -> bytes:
+        """The body of ``response``, at most ``limit`` bytes, within ``source.timeout``."""
         stream = _S3Stream(response["Body"], response.get("ETag"), where)
         try:
             async with asyncio.timeout(self.timeout):
-                data = await _read_bounded(stream, length, f"range of {where}")
+                return await _read_bounded(stream, limit, f"{action} {where}")
         except TimeoutError as exc:
+            # The body stalled: a network fault like any other, not a crash of the check.
             raise SourceUnreachable(
-                f"fetch range of {where}: the body did not arrive within {self.timeout:g} s"
+                f"{action} {where}: the body did not arrive within {self.timeout:g} s"
             ) from exc
         finally:
             await stream.aclose()
-        return _whole_range(data, length, start, where)
 
     async def _get(self, key: str, action: str, **params: Any) -> Any:
         from organixmd.release.s3client import s3_errors
@@ -611,18 +616,7 @@ class S3Source(Source):
                 f"{action} s3://{self.bucket}/{key}: {response['ContentLength']} bytes, over the "
                 f"{limit}-byte limit"
             )
-        where = f"s3://{self.bucket}/{key}"
-        stream = _S3Stream(response["Body"], response.get("ETag"), where)
-        try:
-            async with asyncio.timeout(self.timeout):
-                data = await _read_bounded(stream, limit, f"{action} {where}")
-        except TimeoutError as exc:
-            # The body stalled: a network fault like any other, not a crash of the check.
-            raise SourceUnreachable(
-                f"{action} {where}: the body did not arrive within {self.timeout:g} s"
-            ) from exc
-        finally:
-            await stream.aclose()
+        data = await self._read_body(response, limit, action, f"s3://{self.bucket}/{key}")
         return Fetched(data=data, etag=response.get("ETag"))
 
     async def fetch_meta(self, etag: str | None) -> Fetched | None:

@@ -316,13 +316,14 @@ def test_killed_delta_install_resumes(tmp_path: Path, images: Images) -> None:
     try:
         victim = DaemonProcess(host).start(ready=False)
         deadline = time.monotonic() + 60
+        # Killed once a checkpoint is on disk and frames are arriving from the server.
         while True:
             progress = host.state().get("progress")
-            if progress and progress["chunks_done"] >= 2:
+            live = request(host.socket, "GET", "/v1/status").json()["progress"]
+            if progress and progress["chunks_done"] >= 2 and live and live["downloaded"] > 0:
                 break
             assert time.monotonic() < deadline, victim.output()[-3000:]
             time.sleep(0.05)
-        live = request(host.socket, "GET", "/v1/status").json()["progress"]
         shown = organixctl("status", socket_path=host.socket)
         victim.kill9()
         # The first half of 2.0 came from slot b itself (it was there already).

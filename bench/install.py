@@ -357,8 +357,15 @@ readback = true
     )
 
 
-def idle_daemon(release: Published) -> tuple[int, float]:
-    """``VmRSS`` (KiB) of a real daemon after its no-change poll, and its start to READY.
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def idle_daemon(release: Published) -> tuple[int, float, float]:
+    """A real daemon after its no-change poll: ``VmRSS`` (KiB), start to READY (s), and
+    the CPU seconds it then uses in 10 idle seconds.
 
     The host's booted slot already holds the release, so the boot-time check finds
     nothing to do (the poll every idle daemon runs).
@@ -377,12 +384,16 @@ def idle_daemon(release: Published) -> tuple[int, float]:
             status = daemon.wait_ready()
             if status["phase"] != "idle":
                 raise RuntimeError(f"the idle daemon is not idle: {status}")
-            rss = read_status_kib("VmRSS", str(daemon.daemon_pid()))
+            pid = daemon.daemon_pid()
+            rss = read_status_kib("VmRSS", str(pid))
+            before = cpu_seconds(pid)
+            time.sleep(10)
+            idle_cpu = cpu_seconds(pid) - before
         finally:
             daemon.stop()
     finally:
         host.cleanup()
-    return rss, ready
+    return rss, ready, idle_cpu
 
 
 def publish_seconds(image: Path, serial: int) -> float:
@@ -714,10 +725,10 @@ def main() -> int:
             )
 
     print("idle daemon and publisher:")
-    idle_rss, ready = idle_daemon(sized[0])
+    idle_rss, ready, idle_cpu = idle_daemon(sized[0])
     print(
         f"  idle daemon after a no-change poll: VmRSS {idle_rss / 1024:.1f} MiB; "
-        f"READY in {ready:.2f} s"
+        f"READY in {ready:.2f} s; then {idle_cpu:.2f} CPU seconds in 10 s idle"
     )
     serials = iter(range(10, 100))
     publish = report.measure(

@@ -402,4 +402,10 @@ def describe_progress(progress: dict[str, Any], phase: str = "") -> str:
         eta = (total - done) / rate
     if eta is not None:
         text += f", ETA {format_duration(float(eta))}"
+    reused = int(progress.get("reused") or 0)
+    if reused:
+        downloaded = int(progress.get("downloaded") or 0)
+        text += (
+            f"; delta: {format_bytes(reused)} reused locally, {format_bytes(downloaded)} downloaded"
+        )
     return f"{phase}: {text}" if phase else text

@@ -81,6 +81,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--level", type=int, default=3, help="zstd compression level, -7..22 (default 3)"
     )
     image.add_argument(
+        "--no-delta",
+        dest="delta",
+        action="store_false",
+        help="publish no delta index and frames object (hosts then always download the "
+        "whole image; default: publish them)",
+    )
+    image.add_argument(
         "--workdir",
         type=Path,
         metavar="DIR",
@@ -241,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
             rollout_percent=args.rollout_percent,
             s3=settings,
             workdir=args.workdir,
+            delta=args.delta,
         )
     except ConfigError as exc:
         return _fail(str(exc), Exit.USAGE)

@@ -407,6 +407,8 @@ class ControlServer:
                 "bytes_total": progress.bytes_total,
                 "rate": round(progress.rate),
                 "eta": None if progress.eta is None else round(progress.eta, 1),
+                "downloaded": progress.downloaded,
+                "reused": progress.reused,
             },
             "last_check": engine.state.last_check,
             "next_check": daemon.next_check,

@@ -12,7 +12,8 @@ state machine and lists every variable. In short::
 
 The transitions are pure functions over :class:`BootState` (unit-tested without
 files); :class:`BootControl` reads the two copies of the block and writes both
-through :func:`organixmd.grubenv.write` (temporary file, fsync, rename). Its
+through :func:`organixmd.grubenv.write_block` (temporary file, fsync, rename, journal
+checkpoint). Its
 methods block on fsync: the daemon calls them in a worker thread.
 """
 
@@ -25,6 +26,7 @@ from typing import Literal, TypeGuard
 
 from organixmd import grubenv
 from organixmd.errors import BootError, SlotError
+from organixmd.fsutil import write_atomic
 from organixmd.meta import BootEntry
 
 Slot = Literal["a", "b"]
@@ -541,4 +543,4 @@ def boot_env(entry: BootEntry) -> dict[str, str]:
 def write_boot_env(path: Path, entry: BootEntry) -> None:
     """Write ``entry`` as a GRUB environment block at ``path`` (inside a slot image tree)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    grubenv.write(path, boot_env(entry))
+    write_atomic(path, grubenv.render(boot_env(entry), source=str(path)))

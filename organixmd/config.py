@@ -140,6 +140,9 @@ class InstallConfig(_Section):
     buffers: int = Field(default=4, ge=2, le=64)
     #: Seconds between durable progress records (fsync of the slot, then the state file).
     checkpoint_interval: float = Field(default=1.0, ge=0.0, le=600.0)
+    #: Delta updates: copy the blocks this host already holds, fetch only the rest
+    #: (when the release has a delta index; docs/format.md).
+    delta: bool = True
 
 
 class Config(_Section):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -67,7 +68,8 @@ if TYPE_CHECKING:
     # The idle daemon never needs these: the install pipeline (zstandard) is imported
     # at the first install, minisign (cryptography) only when keys are configured.
     from organixmd import minisign
-    from organixmd.pipeline import Installer, Progress
+    from organixmd.delta import DeltaInstaller, LocalSlot
+    from organixmd.pipeline import Installer, InstallResult, Progress
 
 #: Verdicts decided by the meta (and what this boot runs) alone: an unchanged meta gives
 #: the same answer, so the next poll may ask conditionally. Any other blocked verdict
@@ -114,6 +116,9 @@ class LiveProgress:
     bytes_done: int
     bytes_total: int
     rate: float
+    #: Compressed bytes fetched so far, and image bytes copied from local slots.
+    downloaded: int = 0
+    reused: int = 0
 
     @property
     def eta(self) -> float | None:
@@ -131,6 +136,8 @@ class Counters:
 
     checks: dict[str, int] = field(default_factory=dict)
     bytes_downloaded: int = 0
+    #: Bytes of images copied from this host's own slots (delta installs).
+    bytes_reused: int = 0
     installs: int = 0
     last_install_seconds: float | None = None
     #: Of the last install: the stream alone, before the read-back.
@@ -566,13 +573,20 @@ class Engine:
 
     def _on_progress(self, progress: Progress) -> None:
         self.progress = LiveProgress(
-            self.phase, progress.bytes_done, progress.bytes_total, progress.rate
+            self.phase,
+            progress.bytes_done,
+            progress.bytes_total,
+            progress.rate,
+            progress.downloaded,
+            progress.reused,
         )
         self._emit(
             "progress",
             bytes_done=progress.bytes_done,
             bytes_total=progress.bytes_total,
             rate=round(progress.rate),
+            downloaded=progress.downloaded,
+            reused=progress.reused,
         )
 
     async def _install(
@@ -592,7 +606,8 @@ class Engine:
         start, etag = self._resume_point(release, ref, target, image_url)
         if start == 0:
             self.state.progress = None
-        self.state.slots.pop(target, None)
+        # What the slot held, for a delta install: its blocks may be reused.
+        previous = self.state.slots.pop(target, None)
         checkpoint = Checkpoint(
             slot=target,
             release=ref,
@@ -615,7 +630,9 @@ class Engine:
             await self.persist()
 
         self._set_phase(Phase.DOWNLOADING)
-        installer = self._installer(release, target, source, on_checkpoint)
+        installer = await self._delta_installer(
+            release, target, source, on_checkpoint, start, previous, log
+        ) or self._installer(release, target, source, on_checkpoint)
         try:
             try:
                 result = await installer.run(start, etag)
@@ -645,14 +662,17 @@ class Engine:
             raise
         self.state.progress = None
         self.state.slots[target] = SlotRecord(release=ref, status="verified", at=utcnow())
+        delta_note = delta_summary(result, release.size)
         self.state.record(
             "installed",
             slot=target,
             release=ref,
-            detail=f"{result.seconds:.1f}s, resumed at chunk {result.resumed_from}",
+            detail=f"{result.seconds:.1f}s, resumed at chunk {result.resumed_from}"
+            + (f"; {delta_note}" if delta_note else ""),
         )
         self.counters.installs += 1
         self.counters.bytes_downloaded += result.downloaded
+        self.counters.bytes_reused += result.reused
         self.counters.last_install_seconds = result.seconds
         self.counters.last_stream_seconds = result.stream_seconds
         log.info(
@@ -660,10 +680,66 @@ class Engine:
             seconds=round(result.seconds, 2),
             stream_seconds=round(result.stream_seconds, 2),
             downloaded=result.downloaded,
+            reused=result.reused,
+            requests=result.requests,
             resumed_from=result.resumed_from,
             readback=self.config.install.readback,
         )
-        return await self._stage(release, ref, target, log)
+        return await self._stage(release, ref, target, log, delta_note)
+
+    async def _delta_installer(
+        self,
+        release: Release,
+        target: SlotName,
+        source: Source,
+        on_checkpoint: Callable[[int, str | None], Awaitable[None]],
+        start: int,
+        previous: SlotRecord | None,
+        log: Any,
+    ) -> DeltaInstaller | None:
+        """A delta install when the release has an index and this host holds enough of
+        the image in its slots (docs/format.md, "Delta updates"); else ``None``."""
+        if not self.config.install.delta or not self.config.install.readback:
+            return None
+        if release.image is None:
+            return None
+        from organixmd import delta
+        from organixmd.delta import DeltaInstaller
+
+        booted = other(target)
+        known = self.state.slots.get(booted)
+        stable = await asyncio.to_thread(
+            _local_slot, booted, self.slots[booted].path, release.size, known
+        )
+        mine = await asyncio.to_thread(
+            _local_slot, target, self.slots[target].path, release.size, previous
+        )
+        prepared = await delta.prepare(
+            source, release, self.public_keys, stable=stable, target=mine, start_chunk=start
+        )
+        if prepared.plan is None:
+            log.info("delta_skipped", reason=prepared.reason)
+            return None
+        plan = prepared.plan
+        log.info(
+            "delta_planned",
+            reused=plan.reused_bytes,
+            zeros=plan.zero_bytes,
+            fetch_bytes=plan.fetch_bytes,
+            requests=plan.requests,
+            scan_seconds=round(plan.local.seconds, 2),
+        )
+        return DeltaInstaller(
+            release,
+            source,
+            self.slots[target].path,
+            plan,
+            index_bytes=prepared.index_bytes,
+            on_verify=lambda: self._set_phase(Phase.VERIFYING),
+            on_progress=self._on_progress,
+            on_checkpoint=on_checkpoint,
+            checkpoint_interval=self.config.install.checkpoint_interval,
+        )
 
     def _installer(
         self,
@@ -687,7 +763,7 @@ class Engine:
         )
 
     async def _stage(
-        self, release: Release, ref: ReleaseRef, target: SlotName, log: Any
+        self, release: Release, ref: ReleaseRef, target: SlotName, log: Any, note: str = ""
     ) -> Verdict:
         """Point GRUB at the verified ``target`` on trial (one env write).
 
@@ -720,7 +796,8 @@ class Engine:
                 "staged",
                 "staged",
                 f"{release.describe()} is verified in slot {target} and boots on trial "
-                f"({self.config.boot.trial_boots} tries) at the next reboot",
+                f"({self.config.boot.trial_boots} tries) at the next reboot"
+                + (f"; {note}" if note else ""),
                 ref,
             )
         )
@@ -762,6 +839,41 @@ class Engine:
         if persist:
             await self.persist()
         return failed
+
+
+def delta_summary(result: InstallResult, size: int) -> str:
+    """ "delta: 212 MiB of 1 GiB reused locally, ..." for a delta install, else ""."""
+    if not result.reused:
+        return ""
+    return (
+        f"delta: {_mib(result.reused)} of {_mib(size)} reused locally, "
+        f"{_mib(result.downloaded)} downloaded in {result.requests} requests"
+    )
+
+
+def _mib(value: int) -> str:
+    if value >= 1024**3 and value % 1024**3 == 0:
+        return f"{value // 1024**3} GiB"
+    return f"{value / 1024**2:.0f} MiB"
+
+
+def _local_slot(
+    name: SlotName, path: Path, image_size: int, record: SlotRecord | None
+) -> LocalSlot | None:
+    """The part of a slot worth reading for blocks: the release it holds (when known),
+    else as much as the new image. ``None`` when it cannot be opened. Blocking."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+    from organixmd.delta import LocalSlot
+
+    wanted = record.release.size if record is not None else image_size
+    return LocalSlot(name=name, path=path, size=min(size, wanted))
 
 
 def describe_time(value: datetime | None) -> str:

@@ -6,15 +6,24 @@ value may hold ``\\`` and newlines. The byte layout matches ``grub-editenv`` of
 GRUB 2.06 exactly (a set variable keeps its place, a new one is appended, an
 unset one is removed), which the tests check byte for byte.
 
-GRUB's ``save_env`` rewrites the file's existing blocks in place and resolves the
-path at every boot, so replacing the file by ``rename`` is safe for GRUB. Every
-write here goes through :func:`write_block`: a temporary file in the same
-directory, ``fsync``, ``rename``, ``fsync`` of the directory. A power cut leaves
-either the old or the new file, never a mix.
+GRUB reads the boot partition through its own file system driver, which replays no
+ext4 journal. A file replaced by ``rename`` is, to GRUB, the old file until ext4 has
+written the rename home from its journal (seconds later), while Linux, replaying the
+journal at mount, sees the new one: after a power cut in that window their views of
+the boot state differ, and GRUB's ``save_env`` writes into a block Linux no longer
+reads. So every write here goes through :func:`write_block`: a temporary file in the
+same directory, ``fsync``, ``rename``, ``fsync`` of the directory, then a checkpoint
+of the ext4 journal (``EXT4_IOC_CHECKPOINT``), after which GRUB reads the new file. A
+power cut leaves the old or the new file, never a mix; callers keep two copies and
+write the second only after the first is checkpointed (see
+:class:`organixmd.boot.BootControl`).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -154,25 +163,56 @@ def read(path: Path) -> dict[str, str]:
     return parse(block, source=str(path))
 
 
-def write_block(path: Path, block: bytes) -> None:
-    """Replace ``path`` with ``block`` atomically and durably.
+#: ``_IOW('f', 43, __u32)`` from linux/ext4.h (Linux 5.13 and later): write every
+#: committed journal transaction to its home location.
+EXT4_IOC_CHECKPOINT = 0x4004662B
+#: What the checkpoint ioctl answers on a file system without such a journal (tmpfs,
+#: vfat, ext2: nothing to do) or to a caller without CAP_SYS_ADMIN (a publisher or
+#: an installer staging files as a user: ext4 then writes the journal home in its own
+#: time; the daemon runs as root).
+_CANNOT_CHECKPOINT = frozenset(
+    {errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL, errno.ENODEV, errno.EPERM, errno.EACCES}
+)
 
-    Crash-safe: a temporary file in the same directory is written and fsynced,
-    renamed over ``path``, and the directory is fsynced. Blocking; the daemon calls
-    it in a worker thread.
+
+def write_block(path: Path, block: bytes) -> None:
+    """Replace ``path`` with ``block`` atomically, durably and visibly to GRUB.
+
+    A temporary file in the same directory is written and fsynced, renamed over
+    ``path``, the directory is fsynced and the file system's journal is checkpointed
+    (:func:`checkpoint_journal`). Blocking; the daemon calls it in a worker thread.
     """
     if len(block) != BLOCK_SIZE:
         raise BootError(f"{path}: refusing to write a {len(block)}-byte environment block")
     try:
         write_atomic(path, block, 0o644)
+        checkpoint_journal(path.parent)
     except OSError as exc:
         raise BootError(
             f"{path}: cannot write the GRUB environment: {exc.strerror or exc}",
+            hint="check that the boot partition is mounted read-write and not full",
         ) from exc
 
 
+def checkpoint_journal(directory: Path) -> None:
+    """Write the ext4 journal of the file system holding ``directory`` to its home
+    locations, so that a reader that replays no journal (GRUB) sees what was renamed.
+
+    Where that cannot be done (see :data:`_CANNOT_CHECKPOINT`) nothing happens; any
+    other failure (EIO) raises OSError. Blocking.
+    """
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, EXT4_IOC_CHECKPOINT, b"\0\0\0\0")
+    except OSError as exc:
+        if exc.errno not in _CANNOT_CHECKPOINT:
+            raise
+    finally:
+        os.close(fd)
+
+
 def write(path: Path, variables: Mapping[str, str]) -> None:
-    """Write ``variables`` as a fresh block at ``path`` (crash-safe, see :func:`write_block`)."""
+    """Write ``variables`` as a fresh block at ``path`` (see :func:`write_block`)."""
     write_block(path, render(variables, source=str(path)))
 
 

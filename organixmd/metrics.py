@@ -119,6 +119,12 @@ def render(status: dict[str, Any], state: State, counters: Counters) -> str:
         [("", float(counters.bytes_downloaded))],
     )
     out.metric(
+        "organixm_reused_bytes_total",
+        "counter",
+        "image bytes copied from this host's own slots by delta installs since the daemon started",
+        [("", float(counters.bytes_reused))],
+    )
+    out.metric(
         "organixm_installs_total",
         "counter",
         "installs completed since the daemon started",

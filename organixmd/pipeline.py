@@ -91,6 +91,8 @@ class Progress:
     bytes_total: int
     downloaded: int
     started: float
+    #: Of ``bytes_done``: bytes copied from this host's own slots (a delta install).
+    reused: int = 0
 
     @property
     def rate(self) -> float:
@@ -108,6 +110,10 @@ class InstallResult:
     resumed_from: int
     #: The stream alone: download, chunk checks and writes, before the read-back.
     stream_seconds: float = 0.0
+    #: Bytes of the image copied from this host's own slots (a delta install).
+    reused: int = 0
+    #: Requests made for the image (a delta install makes many ranged ones).
+    requests: int = 1
 
 
 ProgressCallback = Callable[[Progress], None]

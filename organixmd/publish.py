@@ -5,6 +5,8 @@ Layout next to the meta (docs/format.md, "Publishing"):
     <dir>/<name>.meta                       the release descriptor (written last)
     <dir>/<name>.meta.minisig               its detached minisign signature
     <dir>/images/<sha256>.img.zst           the image, named by the SHA-256 of its bytes
+    <dir>/images/<sha256>.img.zst.delta     its delta index (and .minisig), see delta.py
+    <dir>/images/<sha256'>.frames.zst       the image in 64 KiB frames, for delta updates
 
 The image object is content-addressed, so publishing never overwrites an image
 a host may be downloading, and publishing the same image again uploads nothing
@@ -28,6 +30,7 @@ from uuid import UUID, uuid4
 
 from pydantic import TypeAdapter, ValidationError
 
+from organixmd.delta import BuiltDelta, build_delta, index_name
 from organixmd.errors import (
     ConfigError,
     MetaError,
@@ -89,6 +92,8 @@ class PublishRequest:
     s3: S3Settings = field(default_factory=S3Settings)
     #: Where the compressed image is staged for S3 targets (default: the system's temp dir).
     workdir: Path | None = None
+    #: Also publish the delta index and the frames object (docs/format.md).
+    delta: bool = True
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,9 @@ class PublishResult:
     upload_seconds: float
     total_seconds: float
     written: WrittenImage
+    #: The delta index and frames object, when published.
+    delta: BuiltDelta | None = None
+    delta_index_location: str | None = None
 
     def summary(self) -> str:
         """One line for the operator: what was published, how big, how fast, where."""
@@ -112,11 +120,17 @@ class PublishResult:
         rate = image.size / self.total_seconds / 1e6 if self.total_seconds > 0 else 0.0
         sent = "uploaded" if self.image_uploaded else "already present, not uploaded"
         signed = "signed" if self.signature_location else "UNSIGNED"
+        delta = (
+            f"; delta index {self.delta_index_location} "
+            f"({self.delta.index.frames_size / MiB:.1f} MiB of 64 KiB frames)"
+            if self.delta is not None
+            else "; no delta index"
+        )
         return (
             f"published {self.meta.version} serial {self.meta.serial} ({signed}): "
             f"{image.size / MiB:.1f} MiB -> {image.compressed_size / MiB:.1f} MiB "
             f"(ratio {ratio:.2f}), {rate:.0f} MB/s in {self.total_seconds:.1f} s; "
-            f"image {self.image_location} ({sent}); meta {self.meta_location}"
+            f"image {self.image_location} ({sent}); meta {self.meta_location}{delta}"
         )
 
 
@@ -599,17 +613,7 @@ async def publish(request: PublishRequest, progress: Progress | None = None) -> 
             await asyncio.to_thread(local.prepare)
             target = local
         await _check_serial(target, f"{name}.meta", request)
-        try:
-            fd, staged_name = tempfile.mkstemp(
-                prefix=".partial-", suffix=".img.zst", dir=target.staging_dir
-            )
-        except OSError as exc:
-            where = target.staging_dir or tempfile.gettempdir()
-            raise PublishError(
-                f"cannot create a staging file in {where}: {exc.strerror}",
-                hint="pass --workdir with a writable directory that has room for the image",
-            ) from exc
-        staged = Path(staged_name)
+        fd, staged = _staging(target, ".img.zst")
         # Removed on every exit: after an upload it is a redundant copy, after a
         # failure or cancellation an incomplete one.
         stack.callback(staged.unlink, missing_ok=True)
@@ -620,6 +624,12 @@ async def publish(request: PublishRequest, progress: Progress | None = None) -> 
             # The worker thread cannot be interrupted; tell it to stop at the next chunk.
             cancel.set()
             raise
+        built: BuiltDelta | None = None
+        frames_staged: Path | None = None
+        if request.delta:
+            frames_staged = _staging_file(target, ".frames.zst")
+            stack.callback(frames_staged.unlink, missing_ok=True)
+            built = await asyncio.to_thread(_build_delta, request, written, frames_staged)
         compressed_at = time.monotonic()
         object_name = f"{IMAGES_DIR}/{written.compressed_sha256}.img.zst"
         meta = build_meta(request, written, object_name)
@@ -640,6 +650,27 @@ async def publish(request: PublishRequest, progress: Progress | None = None) -> 
             await target.put_image(staged, object_name, written.compressed_size, progress)
         elif progress is not None:
             progress("upload", written.compressed_size, written.compressed_size)
+        index_location = None
+        if built is not None and frames_staged is not None:
+            # The frames object first, then the index that names it, then the
+            # index's signature: a host that finds an index finds its frames.
+            frames = built.index
+            if not await target.image_present(frames.frames_object, frames.frames_size):
+                await target.put_image(
+                    frames_staged, frames.frames_object, frames.frames_size, None
+                )
+            index_object = index_name(object_name)
+            index_bytes = frames.to_bytes()
+            await target.put_small(index_object, index_bytes, "application/zstd")
+            if key is not None:
+                await target.put_small(
+                    f"{index_object}.minisig",
+                    key.sign(index_bytes, f"organixm delta index sha256={meta.image.sha256}"),
+                    "text/plain",
+                )
+            else:
+                await target.delete(f"{index_object}.minisig")
+            index_location = target.location(index_object)
         meta_name = f"{name}.meta"
         if signature is not None:
             await target.put_small(f"{meta_name}.minisig", signature, "text/plain")
@@ -659,8 +690,47 @@ async def publish(request: PublishRequest, progress: Progress | None = None) -> 
             upload_seconds=finished - compressed_at,
             total_seconds=finished - started,
             written=written,
+            delta=built,
+            delta_index_location=index_location,
         )
     raise AssertionError("unreachable")  # pragma: no cover - the stack does not swallow
+
+
+def _staging(target: _Target, suffix: str) -> tuple[int, Path]:
+    """A private staging file beside the target (or in the temp dir), open for writing."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=target.staging_dir)
+    except OSError as exc:
+        where = target.staging_dir or tempfile.gettempdir()
+        raise PublishError(
+            f"cannot create a staging file in {where}: {exc.strerror}",
+            hint="pass --workdir with a writable directory that has room for the image",
+        ) from exc
+    return fd, Path(name)
+
+
+def _staging_file(target: _Target, suffix: str) -> Path:
+    fd, path = _staging(target, suffix)
+    os.close(fd)
+    return path
+
+
+def _build_delta(request: PublishRequest, written: WrittenImage, staged: Path) -> BuiltDelta:
+    """The frames object into ``staged`` and the delta index. Blocking."""
+    try:
+        with staged.open("wb") as out:
+            return build_delta(
+                request.image,
+                out,
+                size=written.size,
+                image_sha256=written.sha256,
+                level=request.level,
+            )
+    except OSError as exc:
+        raise PublishError(
+            f"building the delta frames of {request.image} into {staged} failed: "
+            f"{exc.strerror or exc}"
+        ) from exc
 
 
 def _image_size(path: Path) -> int:

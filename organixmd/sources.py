@@ -172,6 +172,19 @@ class Source(ABC):
     async def open_image(self, release: Release, start: int, if_match: str | None) -> ByteStream:
         """Open the image object at byte ``start``; ``if_match`` guards a resume."""
 
+    @abstractmethod
+    def object_url(self, name: str) -> str:
+        """Where the object ``name`` (relative to the meta's directory) is."""
+
+    @abstractmethod
+    async def fetch_object(self, name: str, limit: int) -> bytes | None:
+        """The whole object ``name`` (relative to the meta's directory), at most ``limit``
+        bytes, or ``None`` when there is none."""
+
+    @abstractmethod
+    async def read_range(self, name: str, start: int, length: int) -> bytes:
+        """``length`` bytes of object ``name`` from byte ``start`` (one Range request)."""
+
     async def open_download(self, release: Release, start: int, if_match: str | None) -> ByteStream:
         """:meth:`open_image`, ended by :class:`LowSpeedGuard` if it trickles in."""
         stream = await self.open_image(release, start, if_match)
@@ -291,6 +304,31 @@ class HttpSource(Source):
             return self.url
         return urljoin(self.meta_url, release.image_object)
 
+    def object_url(self, name: str) -> str:
+        return urljoin(self.meta_url, name)
+
+    async def fetch_object(self, name: str, limit: int) -> bytes | None:
+        url = self.object_url(name)
+        fetched = await self._fetch_small(url, limit, None, "fetch", missing_ok=True)
+        return None if fetched is None else fetched.data
+
+    async def read_range(self, name: str, start: int, length: int) -> bytes:
+        url = self.object_url(name)
+        headers = {"Range": f"bytes={start}-{start + length - 1}"}
+        async with self._request(url, headers, "fetch range of") as response:
+            if response.status != 206:
+                if response.status == 200:
+                    raise SourceError(f"fetch range of {url}: the server ignored the Range request")
+                self._raise_for(response, "fetch range of")
+            try:
+                async with asyncio.timeout(self.timeout):
+                    data = await _read_bounded(_HttpStream(response), length, f"range of {url}")
+            except TimeoutError as exc:
+                raise SourceUnreachable(
+                    f"fetch range of {url}: the body did not arrive within {self.timeout:g} s"
+                ) from exc
+        return _whole_range(data, length, start, url)
+
     async def open_image(self, release: Release, start: int, if_match: str | None) -> ByteStream:
         url = self.image_url(release)
         headers: dict[str, str] = {}
@@ -322,6 +360,14 @@ class _ContextStream:
 
     async def aclose(self) -> None:
         await self._context.__aexit__(None, None, None)
+
+
+def _whole_range(data: bytes, length: int, start: int, where: str) -> bytes:
+    if len(data) != length:
+        raise SourceUnreachable(
+            f"fetch range of {where}: {len(data)} of {length} bytes from byte {start}"
+        )
+    return data
 
 
 async def _read_bounded(stream: ByteStream, limit: int, what: str) -> bytes:
@@ -408,6 +454,29 @@ class FileSource(Source):
     def image_url(self, release: Release) -> str:
         return f"file://{self.image_path(release)}"
 
+    def object_url(self, name: str) -> str:
+        return f"file://{self.base.parent / name}"
+
+    async def fetch_object(self, name: str, limit: int) -> bytes | None:
+        path = self.base.parent / name
+        try:
+            with _file_errors(path, "read"):
+                fetched = await asyncio.to_thread(self._read_small, path, limit, None)
+        except SourceNotFound:
+            return None
+        return None if fetched is None else fetched.data
+
+    async def read_range(self, name: str, start: int, length: int) -> bytes:
+        path = self.base.parent / name
+
+        def _read() -> bytes:
+            with open(path, "rb") as handle:
+                return os.pread(handle.fileno(), length, start)
+
+        with _file_errors(path, "read range of"):
+            data = await asyncio.to_thread(_read)
+        return _whole_range(data, length, start, str(path))
+
     async def open_image(self, release: Release, start: int, if_match: str | None) -> ByteStream:
         path = self.image_path(release)
 
@@ -479,6 +548,38 @@ class S3Source(Source):
 
     def image_url(self, release: Release) -> str:
         return f"s3://{self.bucket}/{self._image_key(release)}"
+
+    def _object_key(self, name: str) -> str:
+        directory = self.key.rsplit("/", 1)[0] + "/" if "/" in self.key else ""
+        return directory + name
+
+    def object_url(self, name: str) -> str:
+        return f"s3://{self.bucket}/{self._object_key(name)}"
+
+    async def fetch_object(self, name: str, limit: int) -> bytes | None:
+        try:
+            fetched = await self._fetch_small(self._object_key(name), limit, None, "fetch")
+        except SourceNotFound:
+            return None
+        return None if fetched is None else fetched.data
+
+    async def read_range(self, name: str, start: int, length: int) -> bytes:
+        key = self._object_key(name)
+        where = f"s3://{self.bucket}/{key}"
+        response = await self._get(
+            key, "fetch range of", Range=f"bytes={start}-{start + length - 1}"
+        )
+        stream = _S3Stream(response["Body"], response.get("ETag"), where)
+        try:
+            async with asyncio.timeout(self.timeout):
+                data = await _read_bounded(stream, length, f"range of {where}")
+        except TimeoutError as exc:
+            raise SourceUnreachable(
+                f"fetch range of {where}: the body did not arrive within {self.timeout:g} s"
+            ) from exc
+        finally:
+            await stream.aclose()
+        return _whole_range(data, length, start, where)
 
     async def _get(self, key: str, action: str, **params: Any) -> Any:
         from organixmd.s3client import s3_errors

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from organixmd import grubenv
+from organixmd.boot import BootControl
 from organixmd.errors import BootError
+from tests.test_slots import LoopDevices
 
 NAMES = ["organixm_order", "organixm_a_state", "organixm_b_tries", "x", "long_name_" * 3]
 ODD_VALUES = ["", "b a", "xxx", "back\\slash", "two\nlines", "trail\\", "=eq=", "é ü", "#hash"]
@@ -116,3 +118,33 @@ def test_write_into_missing_directory_is_a_boot_error(tmp_path: Path) -> None:
     """An unwritable location raises BootError, not OSError."""
     with pytest.raises(BootError, match="cannot write"):
         grubenv.write(tmp_path / "no" / "grubenv", {"a": "1"})
+
+
+def grub_reads(image: Path, path: str) -> dict[str, str]:
+    """What GRUB's own ext4 driver reads from ``image`` (``grub-fstest``): no journal
+    replay, the blocks as they are on the disk."""
+    done = subprocess.run(["grub-fstest", str(image), "cat", path], capture_output=True, check=True)
+    return grubenv.parse(done.stdout)
+
+
+def test_grub_sees_every_write_at_once(loops: LoopDevices, tmp_path: Path) -> None:
+    """GRUB replays no ext4 journal: each rename is checkpointed, so GRUB's ext4 driver,
+    reading the disk while it is still mounted, sees what Linux sees. (Without the
+    checkpoint it sees the old file for seconds, or no file at all.)"""
+    device = loops.attach("boot", 64 * 1024 * 1024)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(device)], check=True)
+    root = tmp_path / "boot"
+    loops.mount(device, root, writable=True)
+    (root / "grub").mkdir()
+    image = tmp_path / "boot.backing"
+
+    grubenv.write(root / "grub" / "grubenv", {"organixm_order": "a b"})
+    assert grub_reads(image, "/grub/grubenv") == {"organixm_order": "a b"}
+
+    control = BootControl(root / "grub" / "grubenv", root / "grub" / "grubenv.bak", booted="a")
+    control.initialize("a")
+    flipped = control.flip("b", 3)
+    for name in ("grubenv", "grubenv.bak"):
+        seen = grub_reads(image, f"/grub/{name}")
+        assert seen == grubenv.read(root / "grub" / name), name
+        assert seen["organixm_order"] == " ".join(flipped.order) == "b a", name

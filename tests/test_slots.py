@@ -51,10 +51,12 @@ class LoopDevices:
         self.devices.append(device)
         return device
 
-    def mount(self, device: Path, where: Path) -> None:
-        """Mount read-only: the kernel then writes nothing, so any change is the daemon's."""
+    def mount(self, device: Path, where: Path, *, writable: bool = False) -> None:
+        """Mount, read-only unless ``writable``: the kernel then writes nothing, so any
+        change is the daemon's."""
         where.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["mount", "-o", "ro", str(device), str(where)], check=True)
+        options = "rw" if writable else "ro"
+        subprocess.run(["mount", "-o", options, str(device), str(where)], check=True)
         self.mounts.append(where)
 
     def close(self) -> None:

@@ -16,12 +16,20 @@ import time
 
 
 class Throttle:
-    """Listens on ``url``; forwards to ``127.0.0.1:upstream_port``."""
+    """Listens on ``url``; forwards to ``127.0.0.1:upstream_port``.
 
-    def __init__(self, upstream_port: int) -> None:
+    With ``shared`` the rate is that of one link all connections share (a host's
+    uplink), else each connection gets it.
+    """
+
+    def __init__(self, upstream_port: int, *, shared: bool = False) -> None:
         self.upstream_port = upstream_port
         #: Bytes per second sent to clients; ``None``: as fast as the upstream sends.
         self.rate: float | None = None
+        self.shared = shared
+        self._link_lock = threading.Lock()
+        #: When the shared link is free again (time.monotonic()).
+        self._link_free = 0.0
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
         self._closed = threading.Event()
@@ -57,8 +65,13 @@ class Throttle:
                 data = source.recv(piece)
                 if not data:
                     break
+                if rate is not None and self.shared:
+                    with self._link_lock:
+                        until = max(time.monotonic(), self._link_free) + len(data) / rate
+                        self._link_free = until
+                    time.sleep(max(0.0, until - time.monotonic()))
                 sink.sendall(data)
-                if rate is not None:
+                if rate is not None and not self.shared:
                     time.sleep(len(data) / rate)
         except OSError:
             pass

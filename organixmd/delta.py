@@ -1,0 +1,929 @@
+"""Delta updates: fetch only the blocks a host does not already hold.
+
+docs/format.md ("Delta updates") is the specification. Next to a release's image
+object ``images/<C>.img.zst`` the publisher puts:
+
+    images/<C>.img.zst.delta           the delta index (one zstd frame)
+    images/<C>.img.zst.delta.minisig   its minisign signature (signed releases)
+    images/<D>.frames.zst              the image again, cut into 64 KiB zstd frames
+
+The index holds the *key* of every 4 KiB block of the image (its 64-bit XXH3 hash:
+a key finds candidates, the signed SHA-256 of each chunk decides) and the compressed
+length of every frame of the frames object. A host
+reads its two slots block by block (:class:`LocalBlocks`), finds which blocks of the
+new image it already holds at any 4 KiB-aligned offset, and fetches the frames that
+hold the rest with HTTP Range requests (:class:`Plan`). :class:`DeltaInstaller`
+assembles each chunk of the meta's chunk table from local blocks (each re-read and
+re-keyed just before use) and fetched frames, checks the chunk's signed SHA-256,
+refetches the whole chunk from the image object if it does not match (a local block
+is never trusted on its key alone), writes it, and finally reads the whole slot back
+from the device against the signed whole-image SHA-256 before anything is flipped
+(invariant 2, unchanged).
+
+Old hosts never read the index: the meta is ``organixm.meta/1`` as before, and a
+host without the index, or with too little data of its own, installs the full image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import time
+from array import array
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import xxhash
+import zstandard
+
+from organixmd.blockio import SlotWriter, aligned_buffer, hash_device
+from organixmd.errors import ChunkMismatch, ImageError, ImageMismatch, OrganixmError
+from organixmd.meta import ImageV1, Release
+
+if TYPE_CHECKING:
+    from organixmd import minisign
+    from organixmd.pipeline import CheckpointCallback, InstallResult, ProgressCallback
+    from organixmd.sources import Source
+
+SCHEMA = "organixm.delta/1"
+MAGIC = b"organixm.delta/1\n"
+BLOCK_SIZE = 4096
+#: Uncompressed bytes per frame of the frames object (chosen in bench/delta.py).
+FRAME_SIZE = 64 * 1024
+KEY_BYTES = 8
+HASH_NAME = "xxh3-64"
+#: The header line's limit; its fields are a few hundred bytes.
+MAX_HEADER = 4096
+#: Frames whose gap is at most this many frames are fetched in one request.
+MERGE_GAP = 1
+#: Fetch requests in flight at once.
+PARALLEL_FETCHES = 4
+#: A delta whose downloads come to more than this share of the full image object is
+#: not worth its many requests: the full image is streamed instead.
+WORTH_IT = 0.9
+#: What a slot is read in while it is scanned.
+SCAN_READ = 4 * 1024 * 1024
+
+_FIELDS = {
+    "image_sha256",
+    "image_size",
+    "block_size",
+    "frame_size",
+    "hash",
+    "frames_object",
+    "frames_size",
+}
+
+
+def block_key(data: bytes | memoryview) -> int:
+    """The key of one block: XXH3 64-bit (seed 0) of its bytes. Not a cryptographic
+    hash, and it need not be: a key only says where a block may be found; what is
+    written is checked against the chunk's signed SHA-256 first. It is fast enough
+    (about 7 GB/s here, SHA-256 1.2) that reading the slots bounds the scan."""
+    return xxhash.xxh3_64_intdigest(data)
+
+
+ZERO_KEY = block_key(bytes(BLOCK_SIZE))
+
+
+def index_name(image_object: str) -> str:
+    """The delta index's object name, next to the image object."""
+    return image_object + ".delta"
+
+
+def frames_name(sha256: str) -> str:
+    return f"images/{sha256}.frames.zst"
+
+
+# ------------------------------------------------------------------------- the index
+
+
+@dataclass(frozen=True)
+class DeltaIndex:
+    image_sha256: str
+    image_size: int
+    frame_size: int
+    #: Relative to the meta's directory, like ``image.object``.
+    frames_object: str
+    frames_size: int
+    frame_lengths: array[int]
+    keys: array[int]
+    block_size: int = BLOCK_SIZE
+    frame_offsets: array[int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        offsets = array("Q", [0]) * (len(self.frame_lengths) + 1)
+        position = 0
+        for index, length in enumerate(self.frame_lengths):
+            offsets[index] = position
+            position += length
+        offsets[len(self.frame_lengths)] = position
+        object.__setattr__(self, "frame_offsets", offsets)
+
+    @property
+    def blocks(self) -> int:
+        return len(self.keys)
+
+    @property
+    def blocks_per_frame(self) -> int:
+        return self.frame_size // self.block_size
+
+    def frame_range(self, frame: int) -> tuple[int, int]:
+        """Uncompressed ``[start, end)`` of ``frame`` in the image."""
+        start = frame * self.frame_size
+        return start, min(start + self.frame_size, self.image_size)
+
+    def to_bytes(self) -> bytes:
+        """The index object: one zstd frame of magic, header line, lengths and keys."""
+        header = {
+            "image_sha256": self.image_sha256,
+            "image_size": self.image_size,
+            "block_size": self.block_size,
+            "frame_size": self.frame_size,
+            "hash": HASH_NAME,
+            "frames_object": self.frames_object,
+            "frames_size": self.frames_size,
+        }
+        lengths = array("I", self.frame_lengths)
+        keys = array("Q", self.keys)
+        if _BIG_ENDIAN:
+            lengths.byteswap()
+            keys.byteswap()
+        payload = b"".join(
+            [MAGIC, json.dumps(header).encode() + b"\n", lengths.tobytes(), keys.tobytes()]
+        )
+        return zstandard.ZstdCompressor(level=3, write_checksum=True).compress(payload)
+
+
+_BIG_ENDIAN = array("H", [1]).tobytes() == b"\0\1"
+
+
+def max_index_bytes(image: ImageV1) -> int:
+    """The largest decompressed index a release of this size can have."""
+    frames = -(-image.size // BLOCK_SIZE)  # frames are at least one block
+    blocks = -(-image.size // BLOCK_SIZE)
+    return len(MAGIC) + MAX_HEADER + 4 * frames + KEY_BYTES * blocks
+
+
+def parse_index(data: bytes, image: ImageV1, *, source: str) -> DeltaIndex:
+    """Read and check an index object against the (verified) meta's image entry.
+
+    Raises :class:`ImageError` naming what is wrong; a host then installs the full
+    image.
+    """
+
+    def bad(why: str) -> ImageError:
+        return ImageError(
+            f"delta index {source}: {why}",
+            hint="republish the release (organixctl publish writes the index); this host "
+            "installs the full image meanwhile",
+        )
+
+    try:
+        payload = zstandard.ZstdDecompressor().decompress(
+            data, max_output_size=max_index_bytes(image)
+        )
+    except zstandard.ZstdError as exc:
+        raise bad(f"not a zstd frame within {max_index_bytes(image)} bytes: {exc}") from exc
+    if not payload.startswith(MAGIC):
+        raise bad(f"does not start with {MAGIC!r}")
+    end = payload.find(b"\n", len(MAGIC), len(MAGIC) + MAX_HEADER)
+    if end < 0:
+        raise bad(f"no header line within {MAX_HEADER} bytes")
+    try:
+        header = json.loads(payload[len(MAGIC) : end])
+    except ValueError as exc:
+        raise bad(f"header is not JSON: {exc}") from exc
+    if not isinstance(header, dict) or set(header) != _FIELDS:
+        found = sorted(header) if isinstance(header, dict) else type(header).__name__
+        raise bad(f"header fields {found}, expected {sorted(_FIELDS)}")
+    for name in ("image_size", "block_size", "frame_size", "frames_size"):
+        if type(header[name]) is not int or header[name] <= 0:
+            raise bad(f"{name} must be a positive integer, not {header[name]!r}")
+    if header["hash"] != HASH_NAME:
+        raise bad(f"hash {header['hash']!r} is not {HASH_NAME!r}")
+    if header["block_size"] != BLOCK_SIZE:
+        raise bad(f"block_size {header['block_size']} is not {BLOCK_SIZE}")
+    frame_size = header["frame_size"]
+    if frame_size % BLOCK_SIZE or frame_size > 64 * 1024 * 1024:
+        raise bad(f"frame_size {frame_size} is not a multiple of 4096 up to 64 MiB")
+    if header["image_sha256"] != image.sha256 or header["image_size"] != image.size:
+        raise bad(
+            f"describes image {header['image_sha256']} ({header['image_size']} bytes), "
+            f"not the meta's {image.sha256} ({image.size} bytes)"
+        )
+    name = header["frames_object"]
+    parts = name.split("/") if isinstance(name, str) else [""]
+    if not isinstance(name, str) or not name or ".." in parts or "" in parts or len(name) > 1024:
+        raise bad(f"frames_object {name!r} is not a relative object name")
+    frames = -(-image.size // frame_size)
+    blocks = -(-image.size // BLOCK_SIZE)
+    body = payload[end + 1 :]
+    if len(body) != 4 * frames + KEY_BYTES * blocks:
+        raise bad(
+            f"{len(body)} bytes of tables, expected {4 * frames} of frame lengths and "
+            f"{KEY_BYTES * blocks} of block keys"
+        )
+    lengths = array("I")
+    lengths.frombytes(body[: 4 * frames])
+    keys = array("Q")
+    keys.frombytes(body[4 * frames :])
+    if _BIG_ENDIAN:
+        lengths.byteswap()
+        keys.byteswap()
+    if 0 in lengths:
+        raise bad("a frame of length 0")
+    if sum(lengths) != header["frames_size"]:
+        raise bad(
+            f"frame lengths add up to {sum(lengths)}, not frames_size {header['frames_size']}"
+        )
+    return DeltaIndex(
+        image_sha256=image.sha256,
+        image_size=image.size,
+        frame_size=frame_size,
+        frames_object=name,
+        frames_size=header["frames_size"],
+        frame_lengths=lengths,
+        keys=keys,
+    )
+
+
+# ------------------------------------------------------------------------- publishing
+
+
+@dataclass(frozen=True)
+class BuiltDelta:
+    index: DeltaIndex
+    frames_sha256: str
+    seconds: float
+
+
+def build_delta(
+    image: Path,
+    out: IO[bytes],
+    *,
+    size: int,
+    image_sha256: str,
+    level: int = 3,
+    frame_size: int = FRAME_SIZE,
+    threads: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> BuiltDelta:
+    """Write the frames object of ``image`` to ``out`` and return its index.
+
+    Frames are compressed in parallel (``threads``: 0 = one per CPU) a batch at a
+    time, so memory is bounded by the batch. Blocking.
+    """
+    started = time.monotonic()
+    compressor = zstandard.ZstdCompressor(level=level, write_checksum=True)
+    workers = threads or os.cpu_count() or 1
+    batch = max(1, (16 * 1024 * 1024) // frame_size) * workers
+    lengths = array("I")
+    keys = array("Q")
+    digest = hashlib.sha256()
+    done = 0
+    with open(image, "rb") as handle:
+        while done < size:
+            data = handle.read(min(batch * frame_size, size - done))
+            if not data:
+                raise ImageError(f"{image}: ended at byte {done} of {size}")
+            view = memoryview(data)
+            pieces: list[bytes | bytearray | memoryview] = [
+                view[o : o + frame_size] for o in range(0, len(data), frame_size)
+            ]
+            compressed = compressor.multi_compress_to_buffer(pieces, threads=workers)
+            for i in range(len(compressed)):
+                frame = compressed[i].tobytes()
+                out.write(frame)
+                digest.update(frame)
+                lengths.append(len(frame))
+            keys.extend(
+                block_key(view[o : o + BLOCK_SIZE]) for o in range(0, len(data), BLOCK_SIZE)
+            )
+            done += len(data)
+            if progress is not None:
+                progress(done, size)
+    out.flush()
+    frames_sha256 = digest.hexdigest()
+    index = DeltaIndex(
+        image_sha256=image_sha256,
+        image_size=size,
+        frame_size=frame_size,
+        frames_object=frames_name(frames_sha256),
+        frames_size=sum(lengths),
+        frame_lengths=lengths,
+        keys=keys,
+    )
+    return BuiltDelta(index, frames_sha256, time.monotonic() - started)
+
+
+# ------------------------------------------------------------------------- the host
+
+
+@dataclass(frozen=True)
+class LocalSlot:
+    """A slot this host may copy blocks from."""
+
+    name: str
+    path: Path
+    #: Bytes of the slot that are read.
+    size: int
+    #: Byte offset of the slot inside ``path``.
+    base: int = 0
+
+
+class LocalBlocks:
+    """Which blocks of the new image this host holds, and where.
+
+    Two slots are read: ``stable`` (the booted slot, never written) and ``target``
+    (the slot being written). A block of ``target`` is a source only for a chunk at
+    or before its own: the install writes chunks in order, so it is still the old
+    block when that chunk is assembled. Memory, by construction: 8 bytes of key and
+    12 of locations per block of the new image, plus a lookup table of 8 to 16 bytes
+    per block during the scan (28 to 36 MiB for a 4 GiB image).
+    """
+
+    def __init__(
+        self,
+        index: DeltaIndex,
+        chunk_size: int,
+        *,
+        stable: LocalSlot | None,
+        target: LocalSlot | None,
+    ) -> None:
+        self.index = index
+        self.per_chunk = chunk_size // BLOCK_SIZE
+        self.stable = stable
+        self.target = target
+        blocks = index.blocks
+        #: The first block of the new image with the same key (itself for the first);
+        #: -1 for a block of zeros.
+        self.head = array("i", [0]) * blocks
+        self.stable_at = array("i", [-1]) * blocks
+        self.target_at = array("i", [-1]) * blocks
+        self.scanned_bytes = 0
+        self.seconds = 0.0
+
+    def scan(self) -> None:
+        """Read both slots once and record where the new image's blocks are. Blocking."""
+        started = time.monotonic()
+        keys, head = self.index.keys, self.head
+        size = 1
+        while size < 2 * len(keys):
+            size <<= 1
+        mask = size - 1
+        # Open addressing: the first block of each key, stored as number + 1.
+        table = array("I", [0]) * size
+        for number, key in enumerate(keys):
+            if key == ZERO_KEY:
+                head[number] = -1
+                continue
+            position = key & mask
+            while entry := table[position]:
+                if keys[entry - 1] == key:
+                    head[number] = entry - 1
+                    break
+                position = (position + 1) & mask
+            else:
+                table[position] = number + 1
+                head[number] = number
+
+        def first(key: int) -> int:
+            position = key & mask
+            while entry := table[position]:
+                if keys[entry - 1] == key:
+                    return entry - 1
+                position = (position + 1) & mask
+            return -1
+
+        def read(slot: LocalSlot, at: array[int], keep_first: bool) -> int:
+            scanned = 0
+            for block, key in _slot_keys(slot):
+                scanned += BLOCK_SIZE
+                if key == ZERO_KEY:
+                    continue
+                number = first(key)
+                # The stable slot: any copy will do. The target: the last one, which
+                # stays valid for the most chunks.
+                if number >= 0 and (not keep_first or at[number] < 0):
+                    at[number] = block
+            return scanned
+
+        # Both slots at once, so their reads overlap (a thread waiting for its device
+        # holds no lock); each thread writes only its own array.
+        work = [
+            (slot, at, keep_first)
+            for slot, at, keep_first in (
+                (self.stable, self.stable_at, True),
+                (self.target, self.target_at, False),
+            )
+            if slot is not None
+        ]
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="delta-scan") as pool:
+            self.scanned_bytes = sum(pool.map(lambda job: read(*job), work))
+        self.seconds = time.monotonic() - started
+
+    def source(self, number: int) -> tuple[LocalSlot, int] | None:
+        """Where block ``number`` of the new image can be read here, if anywhere;
+        a block of zeros has no source (:meth:`is_zero`)."""
+        first = self.head[number]
+        if first < 0:
+            return None
+        block = self.stable_at[first]
+        if block >= 0 and self.stable is not None:
+            return self.stable, block
+        block = self.target_at[first]
+        if (
+            block >= 0
+            and self.target is not None
+            and block // self.per_chunk >= number // self.per_chunk
+        ):
+            return self.target, block
+        return None
+
+    def is_zero(self, number: int) -> bool:
+        return self.head[number] < 0
+
+
+def _slot_keys(slot: LocalSlot) -> Iterator[tuple[int, int]]:
+    """``(block number, key)`` of every whole block of ``slot``, read in large pieces."""
+    fd = os.open(slot.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        position = 0
+        while position + BLOCK_SIZE <= slot.size:
+            want = min(SCAN_READ, slot.size - position)
+            data = os.pread(fd, want - want % BLOCK_SIZE, slot.base + position)
+            usable = len(data) - len(data) % BLOCK_SIZE
+            if usable == 0:
+                return
+            view = memoryview(data)
+            first = position // BLOCK_SIZE
+            for offset in range(0, usable, BLOCK_SIZE):
+                yield first + offset // BLOCK_SIZE, block_key(view[offset : offset + BLOCK_SIZE])
+            position += usable
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """One Range request: frames ``first`` to ``last`` of the frames object."""
+
+    first: int
+    last: int
+    start: int
+    length: int
+
+
+@dataclass
+class Plan:
+    """What a delta install from ``start_chunk`` fetches, and what it reuses."""
+
+    local: LocalBlocks
+    chunk_size: int
+    start_chunk: int
+    #: Frames needed by each chunk from ``start_chunk`` on, in order.
+    frames_of_chunk: list[list[int]]
+    fetches: list[Fetch]
+    reused_bytes: int
+    zero_bytes: int
+    fetch_bytes: int
+
+    #: Bytes reused by the chunks before each chunk from ``start_chunk`` on.
+    reused_before: list[int] = field(default_factory=list)
+
+    @property
+    def requests(self) -> int:
+        return len(self.fetches)
+
+    def reused_until(self, chunk: int) -> int:
+        """Bytes copied from local slots by the chunks from ``start_chunk`` to ``chunk``."""
+        index = chunk - self.start_chunk
+        if index >= len(self.reused_before):
+            return self.reused_bytes
+        return self.reused_before[index]
+
+
+def make_plan(local: LocalBlocks, chunk_size: int, start_chunk: int) -> Plan:
+    """Decide, block by block, what comes from where; merge frames into requests."""
+    index = local.index
+    per_frame = index.blocks_per_frame
+    per_chunk = chunk_size // BLOCK_SIZE
+    chunks = -(-index.image_size // chunk_size)
+    frames_of_chunk: list[list[int]] = []
+    needed: list[int] = []
+    reused = zeros = 0
+    last_frame = -1
+    reused_before: list[int] = []
+    for chunk in range(start_chunk, chunks):
+        reused_before.append(reused)
+        frames: list[int] = []
+        for number in range(chunk * per_chunk, min((chunk + 1) * per_chunk, index.blocks)):
+            length = min(BLOCK_SIZE, index.image_size - number * BLOCK_SIZE)
+            if local.is_zero(number):
+                zeros += length
+            elif local.source(number) is not None:
+                reused += length
+            else:
+                frame = number // per_frame
+                if not frames or frames[-1] != frame:
+                    frames.append(frame)
+                if frame != last_frame:
+                    needed.append(frame)
+                    last_frame = frame
+        frames_of_chunk.append(frames)
+    fetches = _merge(index, needed)
+    return Plan(
+        local=local,
+        chunk_size=chunk_size,
+        start_chunk=start_chunk,
+        frames_of_chunk=frames_of_chunk,
+        fetches=fetches,
+        reused_bytes=reused,
+        zero_bytes=zeros,
+        fetch_bytes=sum(fetch.length for fetch in fetches),
+        reused_before=reused_before,
+    )
+
+
+#: A request is cut at this many compressed bytes (memory: PARALLEL_FETCHES of them).
+MAX_REQUEST = 4 * 1024 * 1024
+
+
+def _merge(index: DeltaIndex, frames: list[int]) -> list[Fetch]:
+    fetches: list[Fetch] = []
+    offsets, lengths = index.frame_offsets, index.frame_lengths
+    for frame in frames:
+        if fetches:
+            last = fetches[-1]
+            gap_ok = frame - last.last - 1 <= MERGE_GAP
+            end = offsets[frame] + lengths[frame]
+            if gap_ok and end - last.start <= MAX_REQUEST:
+                fetches[-1] = Fetch(last.first, frame, last.start, end - last.start)
+                continue
+        fetches.append(Fetch(frame, frame, offsets[frame], lengths[frame]))
+    return fetches
+
+
+# ------------------------------------------------------------------------- preparing
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The outcome of :func:`prepare`: a plan worth installing, or why not."""
+
+    plan: Plan | None
+    reason: str
+    index_bytes: int = 0
+
+
+async def fetch_index(
+    source: Source, release: Release, keys: Sequence[minisign.PublicKey]
+) -> tuple[DeltaIndex | None, int, str]:
+    """The release's delta index, checked (signature with ``keys``, then against the
+    meta), its size, and a reason when there is none to use."""
+    from organixmd import minisign
+
+    image = release.image
+    if image is None:
+        return None, 0, "the seed format has no chunk table"
+    name = index_name(release.image_object)
+    compressed_limit = max_index_bytes(image) + 1024 * 1024
+    data = await source.fetch_object(name, compressed_limit)
+    if data is None:
+        return None, 0, f"no delta index at {source.object_url(name)}"
+    if keys:
+        signature = await source.fetch_object(name + ".minisig", 64 * 1024)
+        if signature is None:
+            return None, len(data), f"the delta index {source.object_url(name)} is not signed"
+        minisign.verify(data, signature, list(keys))
+    return parse_index(data, image, source=source.object_url(name)), len(data), ""
+
+
+async def prepare(
+    source: Source,
+    release: Release,
+    keys: Sequence[minisign.PublicKey],
+    *,
+    stable: LocalSlot | None,
+    target: LocalSlot | None,
+    start_chunk: int,
+) -> Prepared:
+    """Fetch the index, read the local slots, and plan; a plan only when it saves
+    enough (:data:`WORTH_IT`). Errors of the index are reasons, not failures: the
+    full image is always an option."""
+    image = release.image
+    try:
+        index, index_bytes, reason = await fetch_index(source, release, keys)
+    except OrganixmError as exc:
+        return Prepared(None, f"delta index refused: {exc.message}")
+    if index is None or image is None:
+        return Prepared(None, reason, index_bytes)
+    local = LocalBlocks(index, image.chunk_size, stable=stable, target=target)
+    try:
+        await asyncio.to_thread(local.scan)
+    except OSError as exc:
+        return Prepared(None, f"cannot read the local slots: {exc.strerror or exc}", index_bytes)
+    plan = make_plan(local, image.chunk_size, start_chunk)
+    remaining = sum(chunk.length for chunk in image.chunks[start_chunk:])
+    if plan.fetch_bytes > WORTH_IT * remaining:
+        return Prepared(
+            None,
+            f"the delta would download {plan.fetch_bytes} of {remaining} bytes: "
+            "the full image is streamed instead",
+            index_bytes,
+        )
+    return Prepared(plan, "", index_bytes)
+
+
+# ------------------------------------------------------------------------- installing
+
+
+class _Frames:
+    """Fetches the plan's requests in order, :data:`PARALLEL_FETCHES` at a time, and
+    hands out the compressed frames they hold."""
+
+    def __init__(self, source: Source, index: DeltaIndex, fetches: list[Fetch]) -> None:
+        self.source = source
+        self.index = index
+        self.fetches = fetches
+        self.tasks: dict[int, asyncio.Task[bytes]] = {}
+        self.next_fetch = 0
+        self.current: tuple[Fetch, bytes] | None = None
+        self.downloaded = 0
+        self.requests = 0
+
+    def _start(self) -> None:
+        while self.next_fetch < len(self.fetches) and len(self.tasks) < PARALLEL_FETCHES:
+            fetch = self.fetches[self.next_fetch]
+            self.tasks[self.next_fetch] = asyncio.ensure_future(
+                self.source.read_range(self.index.frames_object, fetch.start, fetch.length)
+            )
+            self.next_fetch += 1
+
+    async def frame(self, frame: int) -> bytes:
+        """The compressed bytes of ``frame``; frames are asked for in plan order."""
+        while self.current is None or frame > self.current[0].last:
+            self._start()
+            if not self.tasks:
+                raise AssertionError(f"frame {frame} is not in the plan")
+            first = min(self.tasks)
+            data = await self.tasks.pop(first)
+            self.requests += 1
+            self.downloaded += len(data)
+            self.current = (self.fetches[first], data)
+        fetch, data = self.current
+        offsets = self.index.frame_offsets
+        begin = offsets[frame] - fetch.start
+        return data[begin : begin + self.index.frame_lengths[frame]]
+
+    async def close(self) -> None:
+        for task in self.tasks.values():
+            task.cancel()
+        for task in self.tasks.values():
+            with contextlib.suppress(asyncio.CancelledError, OrganixmError, OSError):
+                await task
+        self.tasks.clear()
+
+
+class DeltaInstaller:
+    """Installs a release into a slot from a :class:`Plan`: local blocks and fetched
+    frames, every chunk checked against the meta before it is written, the whole slot
+    read back from the device at the end. Same interface as
+    :class:`organixmd.pipeline.Installer`."""
+
+    def __init__(
+        self,
+        release: Release,
+        source: Source,
+        slot_path: Path,
+        plan: Plan,
+        *,
+        index_bytes: int = 0,
+        on_progress: ProgressCallback | None = None,
+        on_checkpoint: CheckpointCallback | None = None,
+        checkpoint_interval: float = 1.0,
+        on_verify: Callable[[], None] | None = None,
+        slot_offset: int = 0,
+    ) -> None:
+        if release.image is None:
+            raise ImageError("a delta install needs a chunk table")
+        self.release = release
+        self.image = release.image
+        self.source = source
+        self.slot_path = slot_path
+        self.plan = plan
+        self.index_bytes = index_bytes
+        self.on_progress = on_progress
+        self.on_checkpoint = on_checkpoint
+        self.checkpoint_interval = checkpoint_interval
+        self.on_verify = on_verify
+        self.slot_offset = slot_offset
+        self.refetched_chunks = 0
+        self.refetched_frames = 0
+        self.stream_seconds = 0.0
+
+    async def run(self, start_chunk: int = 0, etag: str | None = None) -> InstallResult:
+        from organixmd.pipeline import InstallResult, Progress, slot_error
+
+        if start_chunk != self.plan.start_chunk:
+            raise AssertionError("the plan was made for another start chunk")
+        started = time.monotonic()
+        image = self.image
+        chunk_size = image.chunk_size
+        frames = _Frames(self.source, self.plan.local.index, self.plan.fetches)
+        extra_downloaded = 0
+        try:
+            writer = await asyncio.to_thread(SlotWriter, self.slot_path, self.slot_offset)
+        except OSError as exc:
+            raise slot_error(f"cannot open slot {self.slot_path} for writing", exc) from exc
+        # Two buffers: chunk n is assembled while chunk n - 1 is being written.
+        buffers = [aligned_buffer(chunk_size) for _ in range(2)]
+        writing: asyncio.Future[None] | None = None
+        last_checkpoint = time.monotonic()
+        done_bytes = start_chunk * chunk_size
+
+        async def written() -> None:
+            nonlocal writing
+            if writing is not None:
+                pending, writing = writing, None
+                try:
+                    await pending
+                except OSError as exc:
+                    raise slot_error(f"writing slot {self.slot_path} failed", exc) from exc
+
+        try:
+            for position, number in enumerate(range(start_chunk, len(image.chunks))):
+                buffer = buffers[position % 2]
+                length = min(chunk_size, image.size - number * chunk_size)
+                wanted = {}
+                for frame in self.plan.frames_of_chunk[position]:
+                    wanted[frame] = await frames.frame(frame)
+                good = await asyncio.to_thread(self._assemble, number, buffer, length, wanted)
+                if not good:
+                    # Some local block changed since the scan, or its key matched other
+                    # bytes: never trusted; the whole chunk comes from the image object.
+                    extra_downloaded += await self._refetch_chunk(number, buffer, length, etag)
+                    self.refetched_chunks += 1
+                await written()
+                now = time.monotonic()
+                if (
+                    self.on_checkpoint is not None
+                    and now - last_checkpoint >= self.checkpoint_interval
+                ):
+                    # Every chunk below ``number`` is written: make them durable, record.
+                    await asyncio.to_thread(writer.sync)
+                    await self.on_checkpoint(number, etag)
+                    last_checkpoint = now
+                writing = asyncio.ensure_future(
+                    asyncio.to_thread(writer.write, number * chunk_size, buffer, length)
+                )
+                done_bytes += length
+                if self.on_progress is not None:
+                    self.on_progress(
+                        Progress(
+                            done_bytes,
+                            image.size,
+                            frames.downloaded + extra_downloaded,
+                            started,
+                            reused=self.plan.reused_until(number + 1),
+                        )
+                    )
+            await written()
+            try:
+                await asyncio.to_thread(writer.sync)
+            except OSError as exc:
+                raise slot_error(f"writing slot {self.slot_path} failed", exc) from exc
+        finally:
+            if writing is not None:
+                # The thread writes into a buffer and a descriptor closed below.
+                await asyncio.wait({writing})
+            await frames.close()
+            await asyncio.to_thread(writer.close)
+            for buffer in buffers:
+                buffer.close()
+        self.stream_seconds = time.monotonic() - started
+        if self.on_verify is not None:
+            self.on_verify()
+        try:
+            digest = await asyncio.to_thread(
+                hash_device, self.slot_path, image.size, None, self.slot_offset
+            )
+        except OSError as exc:
+            raise slot_error(f"reading back slot {self.slot_path} failed", exc) from exc
+        if digest.hexdigest() != image.sha256:
+            raise ImageMismatch(
+                f"slot {self.slot_path}: SHA-256 {digest.hexdigest()} read back from the device "
+                f"differs from the meta's {image.sha256}",
+                hint="the device lost or changed writes: check its health; nothing was flipped",
+            )
+        downloaded = frames.downloaded + extra_downloaded + self.index_bytes
+        return InstallResult(
+            sha256=image.sha256,
+            etag=etag,
+            downloaded=downloaded,
+            seconds=time.monotonic() - started,
+            resumed_from=start_chunk,
+            stream_seconds=self.stream_seconds,
+            reused=self.plan.reused_bytes,
+            requests=frames.requests + self.refetched_chunks + 1,
+        )
+
+    def _assemble(self, number: int, buffer: Any, length: int, wanted: dict[int, bytes]) -> bool:
+        """Fill ``buffer`` with chunk ``number`` from local blocks, zeros and ``wanted``
+        frames; ``True`` when its SHA-256 is the meta's. Blocking.
+
+        Blocks that follow each other in a slot are read with one ``preadv``."""
+        local = self.plan.local
+        index = local.index
+        per_frame = index.blocks_per_frame
+        first = number * (self.image.chunk_size // BLOCK_SIZE)
+        count = -(-length // BLOCK_SIZE)
+        view = memoryview(buffer)
+        decompressor = zstandard.ZstdDecompressor()
+        decoded: dict[int, bytes] = {}
+        descriptors: dict[Path, int] = {}
+        try:
+            position = 0
+            while position < count:
+                block = first + position
+                found = None if local.is_zero(block) else local.source(block)
+                run = 1
+                if local.is_zero(block):
+                    while position + run < count and local.is_zero(block + run):
+                        run += 1
+                    end = min(length, (position + run) * BLOCK_SIZE)
+                    view[position * BLOCK_SIZE : end] = bytes(end - position * BLOCK_SIZE)
+                elif found is not None:
+                    slot, at = found
+                    while position + run < count:
+                        following = local.source(block + run)
+                        if following is None or following != (slot, at + run):
+                            break
+                        run += 1
+                    end = min(length, (position + run) * BLOCK_SIZE)
+                    fd = descriptors.get(slot.path)
+                    if fd is None:
+                        fd = os.open(slot.path, os.O_RDONLY | os.O_CLOEXEC)
+                        descriptors[slot.path] = fd
+                    target = view[position * BLOCK_SIZE : end]
+                    if os.preadv(fd, [target], slot.base + at * BLOCK_SIZE) != len(target):
+                        return False
+                else:
+                    frame = block // per_frame
+                    data = decoded.get(frame)
+                    if data is None:
+                        compressed = wanted.get(frame)
+                        if compressed is None:
+                            return False
+                        start, stop = index.frame_range(frame)
+                        data = _decompress(decompressor, compressed, stop - start)
+                        decoded[frame] = data
+                    offset = position * BLOCK_SIZE
+                    end = min(length, offset + BLOCK_SIZE)
+                    inside = (block - frame * per_frame) * BLOCK_SIZE
+                    view[offset:end] = data[inside : inside + end - offset]
+                position += run
+        except OSError:
+            return False
+        finally:
+            for fd in descriptors.values():
+                os.close(fd)
+        digest = hashlib.sha256(view[:length]).hexdigest()
+        return digest == self.image.chunks[number].sha256
+
+    async def _refetch_chunk(self, number: int, buffer: Any, length: int, etag: str | None) -> int:
+        chunk = self.image.chunks[number]
+        data = await self.source.read_range(self.release.image_object, chunk.offset, chunk.length)
+
+        def fill() -> None:
+            raw = _decompress(zstandard.ZstdDecompressor(), data, length)
+            if hashlib.sha256(raw).hexdigest() != chunk.sha256:
+                raise ChunkMismatch(
+                    f"chunk {number} of {self.source.image_url(self.release)}: SHA-256 differs "
+                    "from the meta's"
+                )
+            memoryview(buffer)[:length] = raw
+
+        await asyncio.to_thread(fill)
+        return len(data)
+
+
+def _decompress(decompressor: zstandard.ZstdDecompressor, data: bytes, length: int) -> bytes:
+    """One frame, refused unless it holds exactly ``length`` bytes."""
+    try:
+        raw = decompressor.decompress(data, max_output_size=length)
+    except zstandard.ZstdError as exc:
+        raise ImageError(f"a frame does not decompress: {exc}") from exc
+    if len(raw) != length:
+        raise ImageError(f"a frame holds {len(raw)} bytes, not {length}")
+    return raw

@@ -335,6 +335,8 @@ socket = "{run / "control.sock"}"
 host_id_file = "{run / "machine-id"}"
 [install]
 readback = true
+# The whole image, every time: slot b may hold the release from an earlier run.
+delta = false
 {extra}
 """
     )

@@ -46,6 +46,7 @@ python3Packages.buildPythonApplication {
     python3Packages.zstandard
     python3Packages.cryptography
     python3Packages.systemd
+    python3Packages.xxhash
   ];
 
   # `organixctl provision` partitions and formats a disk and installs GRUB.

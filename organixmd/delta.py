@@ -283,7 +283,9 @@ def build_delta(
     started = time.monotonic()
     compressor = zstandard.ZstdCompressor(level=level, write_checksum=True)
     workers = threads or os.cpu_count() or 1
-    batch = max(1, (16 * 1024 * 1024) // frame_size) * workers
+    # 2 MiB of input per worker per batch: the input, the compressed output and the
+    # read buffer stay a few MiB per worker.
+    batch = max(1, (2 * 1024 * 1024) // frame_size) * workers
     lengths = array("I")
     keys = array("Q")
     digest = hashlib.sha256()

@@ -661,14 +661,13 @@ async def publish(request: PublishRequest, progress: Progress | None = None) -> 
                 )
             index_object = index_name(object_name)
             index_bytes = frames.to_bytes()
-            await target.put_small(index_object, index_bytes, "application/zstd")
+            # The same image publishes the same index (and, with the same key, the same
+            # signature): republishing then writes nothing here either.
+            await _put_if_changed(target, index_object, index_bytes, "application/zstd")
             if key is not None:
-                await target.put_small(
-                    f"{index_object}.minisig",
-                    key.sign(index_bytes, f"organixm delta index sha256={meta.image.sha256}"),
-                    "text/plain",
-                )
-            else:
+                signed = key.sign(index_bytes, f"organixm delta index sha256={meta.image.sha256}")
+                await _put_if_changed(target, f"{index_object}.minisig", signed, "text/plain")
+            elif await target.read_small(f"{index_object}.minisig", 0) is not None:
                 await target.delete(f"{index_object}.minisig")
             index_location = target.location(index_object)
         meta_name = f"{name}.meta"
@@ -694,6 +693,11 @@ async def publish(request: PublishRequest, progress: Progress | None = None) -> 
             delta_index_location=index_location,
         )
     raise AssertionError("unreachable")  # pragma: no cover - the stack does not swallow
+
+
+async def _put_if_changed(target: _Target, name: str, data: bytes, content_type: str) -> None:
+    if await target.read_small(name, len(data)) != data:
+        await target.put_small(name, data, content_type)
 
 
 def _staging(target: _Target, suffix: str) -> tuple[int, Path]:

@@ -154,6 +154,14 @@ def check_object(blob: bytes, image: Path, meta_bytes: bytes) -> None:
         assert hashlib.sha256(got).hexdigest() == chunk.sha256
 
 
+def unsigned_layout(image_file: Path) -> list[str]:
+    """What an unsigned publish leaves in images/: the image, its delta index and the
+    one frames object the index names."""
+    frames = sorted(p.name for p in image_file.parent.glob("*.frames.zst"))
+    assert len(frames) == 1, frames
+    return sorted([image_file.name, f"{image_file.name}.delta", frames[0]])
+
+
 def test_publish_to_s3_round_trip(
     aws_env: MotoServer, s3_bucket: str, small_image: Path, keypair: tuple[Path, Path]
 ) -> None:
@@ -188,7 +196,21 @@ def test_publish_to_s3_round_trip(
     assert verified.trusted_comment == (
         f"organixm version=24.05.1 serial=7 sha256={release.sha256}"
     )
-    assert len(client.list_objects_v2(Bucket=s3_bucket)["Contents"]) == 3
+    keys = sorted(item["Key"] for item in client.list_objects_v2(Bucket=s3_bucket)["Contents"])
+    image_key = f"fleet/{release.image_object}"
+    frames = [key for key in keys if key.endswith(".frames.zst")]
+    assert len(frames) == 1, keys
+    # The meta, its signature, the image, its delta index and signature, the frames.
+    assert keys == sorted(
+        [
+            "fleet/web.meta",
+            "fleet/web.meta.minisig",
+            image_key,
+            f"{image_key}.delta",
+            f"{image_key}.delta.minisig",
+            frames[0],
+        ]
+    )
 
 
 def test_signature_verifies_with_stock_minisign(
@@ -236,15 +258,24 @@ def test_meta_is_written_last(
     requests = writes(recorder.stop())
     assert code == Exit.OK
     paths = [path for _, path in requests]
-    image_writes = [i for i, p in enumerate(paths) if "/images/" in p]
+    image_writes = [i for i, p in enumerate(paths) if ".img.zst?" in p]
     # Compressed, the image is over 8 MiB: create (POST ?uploads), parts, then the
     # completion (POST ?uploadId=) that makes the object visible.
     assert paths[image_writes[0]].endswith("?uploads")
     assert requests[image_writes[-1]][0] == "POST"
     assert "uploadId=" in paths[image_writes[-1]]
+    frames = [i for i, p in enumerate(paths) if ".frames.zst" in p]
+    index = [i for i, p in enumerate(paths) if p.endswith(".img.zst.delta")]
+    index_sig = [i for i, p in enumerate(paths) if p.endswith(".img.zst.delta.minisig")]
     sig = paths.index(f"/{s3_bucket}/web.meta.minisig")
     meta = paths.index(f"/{s3_bucket}/web.meta")
-    assert image_writes[-1] < sig < meta == len(paths) - 1
+    # The image, the frames the index names, the index, its signature; then the
+    # meta's signature and, last, the meta.
+    assert image_writes[-1] < frames[0], paths
+    assert frames[-1] < index[0], paths
+    assert len(index) == 1, paths
+    assert index_sig == [index[0] + 1], paths
+    assert index_sig[0] < sig < meta == len(paths) - 1
 
 
 def test_republishing_the_same_image_uploads_nothing_new(
@@ -278,7 +309,7 @@ def test_local_directory_target(tmp_path: Path, small_image: Path) -> None:
     check_object(image_file.read_bytes(), small_image, meta_bytes)
     with image_file.open("rb") as handle:
         assert len(read_seek_table(handle)) == len(release.image.chunks) if release.image else 0
-    assert sorted(p.name for p in (out / "images").iterdir()) == [image_file.name]
+    assert sorted(p.name for p in (out / "images").iterdir()) == unsigned_layout(image_file)
     assert not (out / "web.meta.minisig").exists()
     stat_before = image_file.stat()
     time.sleep(0.01)
@@ -289,7 +320,7 @@ def test_local_directory_target(tmp_path: Path, small_image: Path) -> None:
         stat_before.st_mtime_ns,
     )
     assert parse_meta((out / "web.meta").read_bytes()).serial == 4
-    assert sorted(p.name for p in (out / "images").iterdir()) == [image_file.name]
+    assert sorted(p.name for p in (out / "images").iterdir()) == unsigned_layout(image_file)
 
 
 def test_unsigned_refused_without_allow_unsigned(
@@ -582,7 +613,7 @@ def test_damaged_object_of_the_same_name_is_replaced(tmp_path: Path, small_image
     image_file.write_bytes(good[: len(good) // 2])
     assert publish_cli(*args, "--serial", "2") == Exit.OK
     assert image_file.read_bytes() == good
-    assert [p.name for p in (out / "images").iterdir()] == [image_file.name]
+    assert sorted(p.name for p in (out / "images").iterdir()) == unsigned_layout(image_file)
 
 
 def test_unreachable_endpoint_is_reported(

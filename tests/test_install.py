@@ -410,6 +410,33 @@ async def test_readback_catches_what_the_device_lost(tmp_path: Path, rootfs: Pat
     assert result.sha256 == meta.sha256
 
 
+async def test_readback_runs_inside_the_stream(tmp_path: Path, rootfs: Path) -> None:
+    """The device is read back while chunks still arrive, not in a second pass after the
+    stream: reads of durable chunks happen before the last chunk is written, and the
+    whole-image hash the install reports is that of the bytes read back."""
+    release = build_release(rootfs, tmp_path / "pub", chunk_size=256 * 1024)
+    meta = parse_meta(release.meta_path.read_bytes())
+    assert meta.image is not None
+    slot = tmp_path / "slot.img"
+    slot.write_bytes(bytes(48 * MiB))
+    events: list[str] = []
+
+    installer = Installer(
+        meta,
+        SlowFileSource(release.url, 5, 0.002),
+        slot,
+        on_verify=lambda: events.append("read back"),
+        on_stream_end=lambda: events.append("stream ended"),
+    )
+    result = await installer.run()
+    assert result.sha256 == meta.sha256
+    assert "stream ended" in events
+    before_end = events[: events.index("stream ended")]
+    # Several rounds of read-back while the stream still ran (96 chunks in all).
+    assert before_end.count("read back") >= 2, events
+    assert sha256_file(slot, meta.size) == meta.sha256
+
+
 async def test_no_flip_without_readback(tmp_path: Path, rootfs: Path) -> None:
     """With install.readback = false the slot is written and stream-verified but never flipped."""
     from organixmd.boot.machine import BootControl

@@ -298,37 +298,41 @@ def test_corrupted_local_block_is_refetched_never_trusted(tmp_path: Path, images
     assert digest(slot_b, IMAGE) == meta_v2.image.sha256
 
 
-def test_killed_delta_install_resumes(tmp_path: Path, images: Images) -> None:
+def test_killed_delta_install_resumes(tmp_path: Path) -> None:
     """kill -9 in the middle of a delta install (the frames come slowly through nginx):
     the next start resumes at the checkpoint, still as a delta, and ends with 2.0."""
+    # Incompressible releases, so what is fetched takes its time: 1.0, and 2.0 = 1.0
+    # with its second quarter replaced. The delta copies three quarters from slot a.
+    rng = random.Random(31)
+    quarter = IMAGE // 4
+    one = rng.randbytes(IMAGE)
+    two = one[:quarter] + rng.randbytes(quarter) + one[2 * quarter :]
+    old, mixed = tmp_path / "one.img", tmp_path / "two.img"
+    old.write_bytes(one)
+    mixed.write_bytes(two)
     pub = tmp_path / "www"
     pub.mkdir()
-    publish_release(images.old, str(pub / "host"), "1.0", 1)
-    meta = publish_release(images.unrelated, str(pub / "host"), "2.0", 2)
-    # Slot b holds half of what 2.0 needs (nothing of it is in slot a), so the delta
-    # fetches a lot, slowly: there is time to kill it.
-    # 256 KiB/s per connection, four at a time: about 7 s for what 2.0 needs from the
-    # server, far longer than the status calls before the kill.
+    publish_release(old, str(pub / "host"), "1.0", 1)
+    meta = publish_release(mixed, str(pub / "host"), "2.0", 2)
+    # 256 KiB/s per connection, four at a time: 10 s for the new quarter.
     server = start_nginx(pub, tmp_path / "nginx", limit_rate="256k")
-    host = prepare_host(tmp_path / "host", f"{server.url}/host", installed=images.old)
-    with images.unrelated.open("rb") as source, host.slots["b"].open("r+b") as target:
-        target.write(source.read(IMAGE // 2))
+    host = prepare_host(tmp_path / "host", f"{server.url}/host", installed=old)
     try:
         victim = DaemonProcess(host).start(ready=False)
         deadline = time.monotonic() + 60
-        # Killed once a checkpoint is on disk and frames are arriving from the server.
+        # Killed once the first quarter (copied) is checkpointed: the frames of the
+        # second are on their way (the first request of 4 MiB takes 16 s).
         while True:
             progress = host.state().get("progress")
             live = request(host.socket, "GET", "/v1/status").json()["progress"]
-            if progress and progress["chunks_done"] >= 2 and live and live["downloaded"] > 0:
+            if progress and progress["chunks_done"] >= quarter // CHUNK and live:
                 break
             assert time.monotonic() < deadline, victim.output()[-3000:]
             time.sleep(0.05)
         shown = organixctl("status", socket_path=host.socket)
         victim.kill9()
-        # The first half of 2.0 came from slot b itself (it was there already).
-        assert live["reused"] > 0, live
-        assert live["downloaded"] > 0, live
+        # The first quarter of 2.0 came from slot a.
+        assert live["reused"] >= quarter, live
         assert "reused locally" in shown.stdout, shown.stdout
         checkpoint = host.state()["progress"]["chunks_done"]
         assert 0 < checkpoint < len(meta.image.chunks)
@@ -336,7 +340,7 @@ def test_killed_delta_install_resumes(tmp_path: Path, images: Images) -> None:
         server.stop()
         server = start_nginx(pub, tmp_path / "nginx", port=server.port)
         status, _ = run_boot_check(host)
-        assert digest(host.slots["b"], IMAGE) == digest(images.unrelated, IMAGE)
+        assert digest(host.slots["b"], IMAGE) == digest(mixed, IMAGE)
         assert status["verdict"]["code"] == "staged", status["verdict"]
         detail = installed_entry(host)["detail"]
         assert f"resumed at chunk {checkpoint}" in detail, detail
@@ -429,3 +433,49 @@ def test_index_for_another_image_or_damaged_is_refused(tmp_path: Path, images: I
     )
     with pytest.raises(ImageError, match="header fields"):
         delta_format.parse_index(odd, v2.image, source="i")
+
+
+def test_the_slot_being_written_is_a_source_only_before_it_is_overwritten(
+    tmp_path: Path,
+) -> None:
+    """A block of the slot about to be written serves a block of the new image only when
+    it sits in the same chunk or a later one (chunks are written in order); the booted
+    slot serves any."""
+    from organixctl.publisher.delta import build_delta
+
+    rng = random.Random(21)
+    chunk = 256 * 1024
+    blocks = [rng.randbytes(delta_format.BLOCK_SIZE) for _ in range(4 * chunk // 4096)]
+    image = tmp_path / "new.img"
+    image.write_bytes(b"".join(blocks))
+    with (tmp_path / "frames").open("wb") as out:
+        built = build_delta(image, out, size=image.stat().st_size, image_sha256="0" * 64)
+    per_chunk = chunk // delta_format.BLOCK_SIZE
+    # The target slot holds block 0 of the new image in chunk 2, and block 3 * per_chunk
+    # (chunk 3) in chunk 1; the stable slot holds block 5.
+    target = bytearray(len(blocks) * delta_format.BLOCK_SIZE)
+    target_path = tmp_path / "b.img"
+
+    def put(buffer: bytearray, at: int, number: int) -> None:
+        buffer[at * 4096 : (at + 1) * 4096] = blocks[number]
+
+    put(target, 2 * per_chunk, 0)
+    put(target, 1 * per_chunk, 3 * per_chunk)
+    target_path.write_bytes(bytes(target))
+    stable = bytearray(len(target))
+    put(stable, 7, 5)
+    stable_path = tmp_path / "a.img"
+    stable_path.write_bytes(bytes(stable))
+    local = delta.LocalBlocks(
+        built.index,
+        chunk,
+        stable=delta.LocalSlot("a", stable_path, len(stable)),
+        target=delta.LocalSlot("b", target_path, len(target)),
+    )
+    local.scan()
+    assert local.source(5) == (local.stable, 7)
+    # Chunk 2 of the slot is still old when chunk 0 of the image is assembled.
+    assert local.source(0) == (local.target, 2 * per_chunk)
+    # Chunk 1 of the slot is new by the time chunk 3 is assembled.
+    assert local.source(3 * per_chunk) is None
+    assert local.source(1) is None

@@ -711,8 +711,15 @@ class Engine:
         stable = await asyncio.to_thread(
             _local_slot, booted, self.slots[booted].path, release.size, known
         )
-        mine = await asyncio.to_thread(
-            _local_slot, target, self.slots[target].path, release.size, previous
+        # The slot about to be written is read only when it holds a release this host
+        # installed (usually the one before the booted one); unknown contents (a fresh
+        # host, a cut install) would cost a read of the whole slot for little.
+        mine = (
+            None
+            if previous is None
+            else await asyncio.to_thread(
+                _local_slot, target, self.slots[target].path, release.size, previous
+            )
         )
         prepared = await delta.prepare(
             source, release, self.public_keys, stable=stable, target=mine, start_chunk=start

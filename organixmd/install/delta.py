@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import threading
 import time
 from array import array
 from collections.abc import Callable, Iterator, Sequence
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import zstandard
 
 from organixmd.base.errors import ChunkMismatch, ImageError, ImageMismatch, OrganixmError
-from organixmd.install.blockio import SlotWriter, aligned_buffer, hash_device
+from organixmd.install.blockio import DeviceReader, SlotWriter, aligned_buffer, hash_device
 from organixmd.release.delta import (
     BLOCK_SIZE,
     MERGE_GAP,
@@ -365,6 +366,13 @@ class _Frames:
             )
             self.next_fetch += 1
 
+    def waits(self, frame: int) -> bool:
+        """Whether :meth:`frame` would wait for the network to hand out ``frame``."""
+        if self.current is not None and frame <= self.current[0].last:
+            return False
+        self._start()
+        return not self.tasks or not self.tasks[min(self.tasks)].done()
+
     async def frame(self, frame: int) -> bytes:
         """The compressed bytes of ``frame``; frames are asked for in plan order."""
         while self.current is None or frame > self.current[0].last:
@@ -427,7 +435,7 @@ class DeltaInstaller:
         self.stream_seconds = 0.0
 
     async def run(self, start_chunk: int = 0, etag: str | None = None) -> InstallResult:
-        from organixmd.install.pipeline import InstallResult, Progress, slot_error
+        from organixmd.install.pipeline import InstallResult, Progress, ReadBack, slot_error
 
         if start_chunk != self.plan.start_chunk:
             raise AssertionError("the plan was made for another start chunk")
@@ -443,8 +451,27 @@ class DeltaInstaller:
         # Two buffers: chunk n is assembled while chunk n - 1 is being written.
         buffers = [aligned_buffer(chunk_size) for _ in range(2)]
         writing: asyncio.Future[None] | None = None
+        #: Where the write in flight ends in the slot.
+        writing_end = 0
         last_checkpoint = time.monotonic()
+        checkpointed = start_chunk
         done_bytes = start_chunk * chunk_size
+        # The read-back runs inside the stream, as in the whole-image pipeline: what is
+        # written is made durable and read back from the device in batches, in order,
+        # into the whole-image SHA-256 (a resumed install first reads what it kept).
+        try:
+            hasher = await asyncio.to_thread(
+                hash_device, self.slot_path, start_chunk * chunk_size, None, self.slot_offset
+            )
+            reader = await asyncio.to_thread(DeviceReader, self.slot_path, self.slot_offset)
+        except OSError as exc:
+            await asyncio.to_thread(writer.close)
+            raise slot_error(f"reading slot {self.slot_path} back failed", exc) from exc
+        abort = threading.Event()
+        readback = ReadBack(
+            reader, hasher, start_chunk * chunk_size, abort, None, lambda upto: None
+        )
+        reading = asyncio.get_running_loop().run_in_executor(None, readback.run)
 
         async def written() -> None:
             nonlocal writing
@@ -454,13 +481,26 @@ class DeltaInstaller:
                     await pending
                 except OSError as exc:
                     raise slot_error(f"writing slot {self.slot_path} failed", exc) from exc
+                readback.written(writing_end)
 
         try:
             for position, number in enumerate(range(start_chunk, len(image.chunks))):
                 buffer = buffers[position % 2]
                 length = min(chunk_size, image.size - number * chunk_size)
+                now = time.monotonic()
+                frames_needed = self.plan.frames_of_chunk[position]
+                # About to wait for the network (or the interval is up): every chunk below
+                # ``number`` is written once the write in flight is; make them durable and
+                # record them, so a cut here resumes after what was copied.
+                due = now - last_checkpoint >= self.checkpoint_interval
+                waits = bool(frames_needed) and frames.waits(frames_needed[0])
+                if self.on_checkpoint is not None and number > checkpointed and (due or waits):
+                    await written()
+                    await asyncio.to_thread(writer.sync)
+                    await self.on_checkpoint(number, etag)
+                    last_checkpoint, checkpointed = now, number
                 wanted = {}
-                for frame in self.plan.frames_of_chunk[position]:
+                for frame in frames_needed:
                     wanted[frame] = await frames.frame(frame)
                 good = await asyncio.to_thread(self._assemble, number, buffer, length, wanted)
                 if not good:
@@ -469,18 +509,10 @@ class DeltaInstaller:
                     extra_downloaded += await self._refetch_chunk(number, buffer, length, etag)
                     self.refetched_chunks += 1
                 await written()
-                now = time.monotonic()
-                if (
-                    self.on_checkpoint is not None
-                    and now - last_checkpoint >= self.checkpoint_interval
-                ):
-                    # Every chunk below ``number`` is written: make them durable, record.
-                    await asyncio.to_thread(writer.sync)
-                    await self.on_checkpoint(number, etag)
-                    last_checkpoint = now
                 writing = asyncio.ensure_future(
                     asyncio.to_thread(writer.write, number * chunk_size, buffer, length)
                 )
+                writing_end = number * chunk_size + length
                 done_bytes += length
                 if self.on_progress is not None:
                     self.on_progress(
@@ -493,31 +525,33 @@ class DeltaInstaller:
                         )
                     )
             await written()
+            self.stream_seconds = time.monotonic() - started
+            if self.on_verify is not None:
+                self.on_verify()
+            readback.end()
             try:
-                await asyncio.to_thread(writer.sync)
+                await reading
             except OSError as exc:
-                raise slot_error(f"writing slot {self.slot_path} failed", exc) from exc
+                raise slot_error(f"reading back slot {self.slot_path} failed", exc) from exc
         finally:
             if writing is not None:
                 # The thread writes into a buffer and a descriptor closed below.
                 await asyncio.wait({writing})
+            abort.set()
+            readback.end()
+            await asyncio.wait({reading})
+            if not reading.cancelled():
+                reading.exception()  # retrieved: a failure is already on its way up
             await frames.close()
             await asyncio.to_thread(writer.close)
+            await asyncio.to_thread(reader.close)
             for buffer in buffers:
                 buffer.close()
-        self.stream_seconds = time.monotonic() - started
-        if self.on_verify is not None:
-            self.on_verify()
-        try:
-            digest = await asyncio.to_thread(
-                hash_device, self.slot_path, image.size, None, self.slot_offset
-            )
-        except OSError as exc:
-            raise slot_error(f"reading back slot {self.slot_path} failed", exc) from exc
-        if digest.hexdigest() != image.sha256:
+        digest = hasher.hexdigest()
+        if digest != image.sha256 or readback.position != image.size:
             raise ImageMismatch(
-                f"slot {self.slot_path}: SHA-256 {digest.hexdigest()} read back from the device "
-                f"differs from the meta's {image.sha256}",
+                f"slot {self.slot_path}: SHA-256 {digest} of {readback.position} bytes read back "
+                f"from the device differs from the meta's {image.sha256}",
                 hint="the device lost or changed writes: check its health; nothing was flipped",
             )
         downloaded = frames.downloaded + extra_downloaded + self.index_bytes

@@ -12,7 +12,7 @@ Five stages overlap::
 Hashing and writing are separate threads so that a chunk's SHA-256 runs while the
 previous chunk's write waits for the device.
 
-The read-back runs inside the stream (thread 4, :class:`_ReadBack`): each batch of
+The read-back runs inside the stream (thread 4, :class:`ReadBack`): each batch of
 written chunks is made durable and read back from the device while later chunks
 are still downloading and decompressing, instead of a second pass over the slot.
 Each byte is hashed once for its chunk (before its write) and once, as the device
@@ -173,7 +173,7 @@ class _Stages:
         on_chunk_done: Callable[[int, int], None],
         on_failure: Callable[[BaseException], None],
         hasher: Any,
-        readback: _ReadBack | None = None,
+        readback: ReadBack | None = None,
     ) -> None:
         self.loop = loop
         self.writer = writer
@@ -268,7 +268,7 @@ class _Stages:
                 continue
 
 
-class _ReadBack:
+class ReadBack:
     """Thread 4: reads each written chunk back from the device while the stream goes on.
 
     The writer reports every write (in order, so what is written is a prefix of the
@@ -620,7 +620,7 @@ class Installer:
                     lag.release()
                 verified = now
 
-            readback = _ReadBack(
+            readback = ReadBack(
                 reader,
                 hasher,
                 start_chunk * image.chunk_size,
@@ -721,8 +721,8 @@ class Installer:
         self._raise_failure()
         return etag
 
-    def _readback_stage(self, stages: _Stages, readback: _ReadBack) -> None:
-        """Thread 4 (see :class:`_ReadBack`); a failure stops every stage."""
+    def _readback_stage(self, stages: _Stages, readback: ReadBack) -> None:
+        """Thread 4 (see :class:`ReadBack`); a failure stops every stage."""
         try:
             readback.run()
         except _Aborted:

@@ -14,8 +14,9 @@ Each release is published with the project's publisher (delta index included) to
 directory that nginx serves on 127.0.0.1. Per case the host (slot a = release 1, slot
 b = zeros, both files) installs the release twice from nginx: whole (the pipeline,
 read-back included) and as a delta (index fetch, scan of slot a (slot b holds nothing
-the host installed, so the engine does not read it), ranged fetches, read-back). Printed per case: bytes downloaded / the full compressed image, requests,
-delta install time / full install time, and an rsync-style ideal (the changed and
+the host installed, so the engine does not read it), ranged fetches, read-back).
+Printed per case: bytes downloaded / the full compressed image, requests, delta
+install time / full install time, and an rsync-style ideal (the changed and
 added files, each compressed with zstd -3). Then the targets: case b downloads at
 most 15 % of a full image and installs no slower than a full install; case d costs
 at most 1.05 x a full download. Also: publishing with the delta index / without.

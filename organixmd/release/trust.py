@@ -11,6 +11,7 @@ from pathlib import Path
 
 from organixmd.base.config import SourceConfig
 from organixmd.base.errors import ConfigError, SignatureError
+from organixmd.base.objectnames import META_SUFFIX
 from organixmd.release import minisign
 from organixmd.release.meta import Release, parse_meta
 from organixmd.release.sources import Source
@@ -18,9 +19,9 @@ from organixmd.release.sources import Source
 
 def base_url(meta: str) -> str:
     """The release URL a ``.meta`` location belongs to (a bare path becomes ``file://``)."""
-    if not meta.endswith(".meta"):
+    if not meta.endswith(META_SUFFIX):
         raise ConfigError(f"{meta!r} does not name a .meta object (NAME.meta)")
-    base = meta[: -len(".meta")]
+    base = meta[: -len(META_SUFFIX)]
     if "://" not in base:
         base = "file://" + str(Path(base).resolve())
     return base

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from organixmd.base.config import SourceConfig
-from organixmd.base.errors import ConfigError, SignatureError
+from organixmd.base.config import Config, SourceConfig
+from organixmd.base.errors import ConfigError, OrganixmError, SignatureError
 from organixmd.base.objectnames import META_SUFFIX
 from organixmd.release import minisign
 from organixmd.release.meta import Release, parse_meta
@@ -42,8 +42,26 @@ def source_config(
         raise ConfigError(f"release URL {url!r}: {exc}") from exc
 
 
+def load_public_keys(config: Config) -> list[minisign.PublicKey]:
+    """The trusted keys of the configuration; a bad key stops start-up (ConfigError)."""
+    keys: list[minisign.PublicKey] = []
+    for index, text in enumerate(config.source.public_keys):
+        try:
+            keys.append(minisign.PublicKey.parse(text))
+        except OrganixmError as exc:
+            raise ConfigError(f"source.public_keys.{index}: {exc.message}") from exc
+    for path in config.source.public_key_files:
+        try:
+            keys.append(minisign.PublicKey.load(path))
+        except OrganixmError as exc:
+            raise ConfigError(f"source.public_key_files: {path}: {exc.message}") from exc
+        except OSError as exc:
+            raise ConfigError(f"source.public_key_files: cannot read {path}: {exc}") from exc
+    return keys
+
+
 def load_keys(texts: Sequence[str]) -> list[minisign.PublicKey]:
-    """Keys given as ``.pub`` file paths or bare base64 lines."""
+    """Keys given on an operator's command line as ``.pub`` file paths or bare base64 lines."""
     keys = []
     for text in texts:
         path = Path(text)

@@ -19,8 +19,9 @@ from organixmd.base.errors import OrganixmError
 from organixmd.base.fsutil import remove_temporaries
 from organixmd.base.logsetup import get_logger
 from organixmd.host import hostlock
-from organixmd.host.engine import Engine, EventSink, load_public_keys
+from organixmd.host.engine import Engine, EventSink
 from organixmd.host.state import StateStore
+from organixmd.release.trust import load_public_keys
 
 if TYPE_CHECKING:
     from organixmd.boot.port import GrubBootPort

@@ -15,12 +15,13 @@ import zstandard
 
 from organixmd.base.config import parse_config
 from organixmd.base.errors import ImageError, ImageMismatch
-from organixmd.host.engine import Engine, load_public_keys
+from organixmd.host.engine import Engine
 from organixmd.host.state import StateStore
 from organixmd.install.pipeline import Installer
 from organixmd.release.meta import Release, parse_meta
 from organixmd.release.minisign import SecretKey
 from organixmd.release.sources import ByteStream, FileSource
+from organixmd.release.trust import load_public_keys
 from tests.support.images import make_ext4_image, sha256_file
 from tests.support.releases import build_legacy_release, build_release
 

@@ -143,7 +143,7 @@ maintenance_window = "{window}"
 reboot_command = ["true"]
 """
     )
-    return Reboot(config)
+    return Reboot(config.boot)
 
 
 def test_maintenance_window_bounds() -> None:

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from organixmd.base.errors import ConfigError
+from organixmd.base.objectnames import META_SUFFIX
 
 DEFAULT_CONFIG_PATH = Path("/etc/organixm/organixmd.toml")
 
@@ -62,7 +63,7 @@ class SourceConfig(_Section):
             )
         if parts.scheme == "file" and not parts.path.startswith("/"):
             raise ValueError("file URLs need an absolute path: file:///path/name")
-        if value.endswith((".meta", "/")):
+        if value.endswith((META_SUFFIX, "/")):
             raise ValueError("give the release name without '.meta' (the daemon appends it)")
         return value
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from organixmd.base.config import Config
+from organixmd.base.config import BootConfig
 from organixmd.base.errors import BootError, PolicyError, RebootError, SlotError
 from organixmd.base.logsetup import get_logger
 from organixmd.base.slotname import SlotName, other
@@ -95,7 +95,7 @@ def explain(
 class BootManager:
     """Boot assessment and the admin's boot commands (mark-good, mark-bad, rollback)."""
 
-    def __init__(self, config: Config, engine: Engine, port: GrubBootPort) -> None:
+    def __init__(self, config: BootConfig, engine: Engine, port: GrubBootPort) -> None:
         self.config = config
         self.engine = engine
         self.port = port
@@ -296,8 +296,8 @@ class BootManager:
 
     def _seconds_left_to_commit(self) -> float:
         """The deadline counts from boot (``/proc/uptime``), not from this daemon's start."""
-        deadline = self.config.boot.commit_deadline
-        path = self.config.boot.uptime
+        deadline = self.config.commit_deadline
+        path = self.config.uptime
         try:
             since_boot = float(path.read_text().split()[0])
         except (OSError, ValueError, IndexError) as exc:
@@ -318,7 +318,7 @@ class BootManager:
         state = await self.read()
         if state is None or state.slot(self.booted).state != "trial":
             return
-        await self.mark_bad(f"not committed within {self.config.boot.commit_deadline:.0f}s of boot")
+        await self.mark_bad(f"not committed within {self.config.commit_deadline:.0f}s of boot")
         try:
             await on_failed.request("trial deadline passed")
         except RebootError as exc:
@@ -334,8 +334,8 @@ REBOOT_COMMAND_TIMEOUT = 60.0
 class Reboot:
     """Reboot policy: at once, only inside the maintenance window, or never."""
 
-    def __init__(self, config: Config) -> None:
-        self.config = config.boot
+    def __init__(self, config: BootConfig) -> None:
+        self.config = config
         self.pending: str | None = None
         self.log = get_logger("organixmd.reboot")
 

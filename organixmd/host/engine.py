@@ -35,7 +35,6 @@ from organixmd.base.config import Config
 from organixmd.base.errors import (
     Busy,
     Cancelled,
-    ConfigError,
     OrganixmError,
     PolicyError,
     SignatureError,
@@ -153,28 +152,6 @@ def release_ref(release: Release) -> ReleaseRef:
         size=release.size,
         legacy=release.legacy,
     )
-
-
-def load_public_keys(config: Config) -> list[minisign.PublicKey]:
-    """The trusted keys of the configuration; a bad key stops start-up (ConfigError)."""
-    keys: list[minisign.PublicKey] = []
-    if not (config.source.public_keys or config.source.public_key_files):
-        return keys
-    from organixmd.release import minisign
-
-    for index, text in enumerate(config.source.public_keys):
-        try:
-            keys.append(minisign.PublicKey.parse(text))
-        except OrganixmError as exc:
-            raise ConfigError(f"source.public_keys.{index}: {exc.message}") from exc
-    for path in config.source.public_key_files:
-        try:
-            keys.append(minisign.PublicKey.load(path))
-        except OrganixmError as exc:
-            raise ConfigError(f"source.public_key_files: {path}: {exc.message}") from exc
-        except OSError as exc:
-            raise ConfigError(f"source.public_key_files: cannot read {path}: {exc}") from exc
-    return keys
 
 
 def rollout_bucket(host_id: str, release_uuid: str) -> int:

@@ -39,6 +39,7 @@ import xxhash
 import zstandard
 
 from organixmd.base.errors import ImageError
+from organixmd.base.objectnames import delta_index_name, frames_object_name
 from organixmd.release.meta import ImageV1, Release
 
 if TYPE_CHECKING:
@@ -86,13 +87,9 @@ def block_key(data: bytes | memoryview) -> int:
 ZERO_KEY = block_key(bytes(BLOCK_SIZE))
 
 
-def index_name(image_object: str) -> str:
-    """The delta index's object name, next to the image object."""
-    return image_object + ".delta"
-
-
-def frames_name(sha256: str) -> str:
-    return f"images/{sha256}.frames.zst"
+#: Where the index and the frames are (one place for every release object's name).
+index_name = delta_index_name
+frames_name = frames_object_name
 
 
 # ------------------------------------------------------------------------- the index

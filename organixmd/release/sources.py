@@ -33,6 +33,7 @@ from organixmd.base.errors import (
     SourceNotFound,
     SourceUnreachable,
 )
+from organixmd.base.objectnames import meta_name, signature_name
 from organixmd.release.meta import MAX_META_BYTES, Release
 
 if TYPE_CHECKING:
@@ -134,11 +135,11 @@ class Source(ABC):
 
     @property
     def meta_url(self) -> str:
-        return self.url + ".meta"
+        return meta_name(self.url)
 
     @property
     def signature_url(self) -> str:
-        return self.url + ".meta.minisig"
+        return signature_name(self.url)
 
     async def __aenter__(self) -> Self:
         await self._open(self._stack)
@@ -422,7 +423,7 @@ class FileSource(Source):
 
     @property
     def meta_path(self) -> Path:
-        return self.base.with_name(self.base.name + ".meta")
+        return self.base.with_name(meta_name(self.base.name))
 
     def _read_small(self, path: Path, limit: int, etag: str | None) -> Fetched | None:
         with open(path, "rb") as handle:
@@ -439,7 +440,7 @@ class FileSource(Source):
             return await asyncio.to_thread(self._read_small, self.meta_path, MAX_META_BYTES, etag)
 
     async def fetch_signature(self) -> Fetched | None:
-        path = self.base.with_name(self.base.name + ".meta.minisig")
+        path = self.base.with_name(signature_name(self.base.name))
         try:
             with _file_errors(path, "read signature"):
                 return await asyncio.to_thread(self._read_small, path, MAX_SIGNATURE_BYTES, None)
@@ -620,12 +621,12 @@ class S3Source(Source):
         return Fetched(data=data, etag=response.get("ETag"))
 
     async def fetch_meta(self, etag: str | None) -> Fetched | None:
-        return await self._fetch_small(self.key + ".meta", MAX_META_BYTES, etag, "fetch meta")
+        return await self._fetch_small(meta_name(self.key), MAX_META_BYTES, etag, "fetch meta")
 
     async def fetch_signature(self) -> Fetched | None:
         try:
             return await self._fetch_small(
-                self.key + ".meta.minisig", MAX_SIGNATURE_BYTES, None, "fetch signature"
+                signature_name(self.key), MAX_SIGNATURE_BYTES, None, "fetch signature"
             )
         except SourceNotFound:
             return None

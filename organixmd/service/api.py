@@ -52,6 +52,7 @@ from organixmd.base.logsetup import get_logger
 from organixmd.base.slotname import SLOTS
 
 if TYPE_CHECKING:
+    from organixmd.base.config import DaemonConfig
     from organixmd.host.bootmanager import BootManager, Reboot
     from organixmd.host.engine import Engine
     from organixmd.host.state import Verdict
@@ -224,12 +225,13 @@ class Controls(Protocol):
 class ControlServer:
     """The aiohttp application on the control socket."""
 
-    def __init__(self, config: Any, daemon: Controls) -> None:
+    def __init__(self, config: DaemonConfig, source_url: str, daemon: Controls) -> None:
         self.config = config
+        self.source_url = source_url
         self.daemon = daemon
-        self.path: Path = config.daemon.socket
-        self.socket_gid = _group_id(config.daemon.socket_group, "daemon.socket_group")
-        self.admin_gid = _group_id(config.daemon.admin_group, "daemon.admin_group")
+        self.path: Path = config.socket
+        self.socket_gid = _group_id(config.socket_group, "daemon.socket_group")
+        self.admin_gid = _group_id(config.admin_group, "daemon.admin_group")
         self.log = get_logger("organixmd.api")
         self._runner: web.AppRunner | None = None
         self.app = self._build_app()
@@ -342,7 +344,7 @@ class ControlServer:
                 uid = creds[1] if creds else "unknown"
                 raise PermissionDenied(
                     f"uid {uid} may read status but not change anything",
-                    hint=f"run as root or as a member of group {self.config.daemon.admin_group!r}",
+                    hint=f"run as root or as a member of group {self.config.admin_group!r}",
                 )
             return await handler(request)
 
@@ -419,7 +421,7 @@ class ControlServer:
                 "started": daemon.started,
                 "ready": daemon.ready,
             },
-            "source": self.config.source.url,
+            "source": self.source_url,
             "boot": {
                 "booted": report.booted,
                 "reason": report.reason,

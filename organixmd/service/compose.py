@@ -19,8 +19,9 @@ from organixmd.base.errors import OrganixmError
 from organixmd.base.fsutil import remove_temporaries
 from organixmd.base.logsetup import get_logger
 from organixmd.host import hostlock
-from organixmd.host.engine import Engine, EventSink, load_public_keys
+from organixmd.host.engine import Engine, EventSink
 from organixmd.host.state import StateStore
+from organixmd.release.trust import load_public_keys
 
 if TYPE_CHECKING:
     from organixmd.boot.port import GrubBootPort
@@ -110,14 +111,14 @@ async def run_daemon(config: Config) -> int:
         host = await build_host(config, on_event=hub.publish)
     except OrganixmError as exc:
         return startup_failed(log, exc)
-    manager = BootManager(config, host.engine, host.port)
-    reboot = Reboot(config)
-    daemon = Daemon(config, host.engine, manager, reboot, hub, notifier)
+    manager = BootManager(config.boot, host.engine, host.port)
+    reboot = Reboot(config.boot)
+    daemon = Daemon(config.daemon, host.engine, manager, reboot, hub, notifier)
     hub.listen(daemon.on_event)
     try:
         # Resolves socket_group and admin_group: a group missing on this host is a
         # configuration error, reported like every other one.
-        server = ControlServer(config, daemon)
+        server = ControlServer(config.daemon, config.source.url, daemon)
     except OrganixmError as exc:
         return startup_failed(log, exc)
     return await serve(daemon, server, log)

@@ -24,7 +24,7 @@ from typing import Any
 
 import structlog
 
-from organixmd.base.config import Config
+from organixmd.base.config import DaemonConfig
 from organixmd.base.errors import Busy, OrganixmError
 from organixmd.base.logsetup import get_logger
 from organixmd.host.bootmanager import BootManager, Reboot
@@ -49,7 +49,7 @@ class Daemon:
 
     def __init__(
         self,
-        config: Config,
+        config: DaemonConfig,
         engine: Engine,
         manager: BootManager,
         reboot: Reboot,
@@ -150,7 +150,7 @@ class Daemon:
             self.log.error("background_failed", exc_info=error)
 
     def _delay(self, verdict: Verdict | None) -> float:
-        daemon = self.config.daemon
+        daemon = self.config
         if verdict is not None and verdict.outcome == "error":
             self._failures += 1
             # Exponential backoff on errors, capped; jitter spreads a fleet's retries.
@@ -226,7 +226,7 @@ async def serve(daemon: Daemon, server: ControlServer, log: structlog.stdlib.Bou
             await server.start()
         except OrganixmError as exc:
             return startup_failed(log, exc)
-        log.info("started", socket=str(config.daemon.socket), booted=manager.booted)
+        log.info("started", socket=str(config.socket), booted=manager.booted)
         async with asyncio.TaskGroup() as group:
             tasks = [
                 group.create_task(daemon.poll_loop()),

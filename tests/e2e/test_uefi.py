@@ -60,9 +60,6 @@ def test_power_cut_during_download_resumes_uefi(uefi: Machine, releases: Release
         e == "installed" and re.search(rf"resumed at chunk {checkpoint}(;|$)", d)
         for e, d in history
     ), history
-    # 1.0 installs 2.0 as a delta: most of it came from the guest's own slot a.
-    installed = [d for e, d in history if e == "installed"]
-    assert "reused locally" in installed[-1], installed
     state = uefi.boot_state()
     assert (state.order, state.b.state, state.b.tries_left) == (("b", "a"), "trial", 2)
     uefi.passed.append("5")

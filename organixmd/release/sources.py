@@ -279,14 +279,8 @@ class HttpSource(Source):
                 raise SourceError(
                     f"{action} {url}: {response.content_length} bytes, over the {limit}-byte limit"
                 )
-            try:
-                # As a whole: a small object that trickles in must not hold the check.
-                async with asyncio.timeout(self.timeout):
-                    data = await _read_bounded(_HttpStream(response), limit, f"{action} {url}")
-            except TimeoutError as exc:
-                raise SourceUnreachable(
-                    f"{action} {url}: the body did not arrive within {self.timeout:g} s"
-                ) from exc
+            # As a whole: a small object that trickles in must not hold the check.
+            data = await _read_within(_HttpStream(response), limit, action, url, self.timeout)
             return Fetched(data=data, etag=response.headers.get("ETag"))
 
     async def fetch_meta(self, etag: str | None) -> Fetched | None:
@@ -321,13 +315,8 @@ class HttpSource(Source):
                 if response.status == 200:
                     raise SourceError(f"fetch range of {url}: the server ignored the Range request")
                 self._raise_for(response, "fetch range of")
-            try:
-                async with asyncio.timeout(self.timeout):
-                    data = await _read_bounded(_HttpStream(response), length, f"range of {url}")
-            except TimeoutError as exc:
-                raise SourceUnreachable(
-                    f"fetch range of {url}: the body did not arrive within {self.timeout:g} s"
-                ) from exc
+            stream = _HttpStream(response)
+            data = await _read_within(stream, length, "fetch range of", url, self.timeout)
         return _whole_range(data, length, start, url)
 
     async def open_image(self, release: Release, start: int, if_match: str | None) -> ByteStream:
@@ -369,6 +358,20 @@ def _whole_range(data: bytes, length: int, start: int, where: str) -> bytes:
             f"fetch range of {where}: {len(data)} of {length} bytes from byte {start}"
         )
     return data
+
+
+async def _read_within(
+    stream: ByteStream, limit: int, action: str, where: str, seconds: float
+) -> bytes:
+    """The whole body, at most ``limit`` bytes, within ``seconds`` in all. A body
+    that stalls is a network fault like any other (``source-unreachable``)."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await _read_bounded(stream, limit, f"{action} {where}")
+    except TimeoutError as exc:
+        raise SourceUnreachable(
+            f"{action} {where}: the body did not arrive within {seconds:g} s"
+        ) from exc
 
 
 async def _read_bounded(stream: ByteStream, limit: int, what: str) -> bytes:
@@ -577,13 +580,7 @@ class S3Source(Source):
         """The body of ``response``, at most ``limit`` bytes, within ``source.timeout``."""
         stream = _S3Stream(response["Body"], response.get("ETag"), where)
         try:
-            async with asyncio.timeout(self.timeout):
-                return await _read_bounded(stream, limit, f"{action} {where}")
-        except TimeoutError as exc:
-            # The body stalled: a network fault like any other, not a crash of the check.
-            raise SourceUnreachable(
-                f"{action} {where}: the body did not arrive within {self.timeout:g} s"
-            ) from exc
+            return await _read_within(stream, limit, action, where, self.timeout)
         finally:
             await stream.aclose()
 

@@ -17,58 +17,35 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-#: Bottom to top. ``organixmd`` is the package root (its ``__version__`` only).
-ALLOWED: dict[str, frozenset[str]] = {
-    "organixmd": frozenset(),
-    "organixmd.base": frozenset({"organixmd"}),
-    "organixmd.release": frozenset({"organixmd", "organixmd.base"}),
-    "organixmd.boot": frozenset({"organixmd", "organixmd.base", "organixmd.release"}),
-    "organixmd.install": frozenset(
-        {"organixmd", "organixmd.base", "organixmd.release", "organixmd.boot"}
-    ),
-    "organixmd.host": frozenset(
-        {"organixmd", "organixmd.base", "organixmd.release", "organixmd.boot", "organixmd.install"}
-    ),
-    "organixmd.service": frozenset(
-        {
-            "organixmd",
-            "organixmd.base",
-            "organixmd.release",
-            "organixmd.boot",
-            "organixmd.install",
-            "organixmd.host",
-        }
-    ),
+#: The daemon's layers, bottom to top: each may import every layer below it.
+#: ``organixmd`` is the package root (its ``__version__`` only); ``organixmd.apidef``
+#: is the control API's definition (the standard library only), shared by every layer
+#: and by organixctl's daemon commands.
+DAEMON_LAYERS = (
+    "organixmd",
+    "organixmd.apidef",
+    "organixmd.base",
+    "organixmd.release",
+    "organixmd.boot",
+    "organixmd.install",
+    "organixmd.host",
+    "organixmd.service",
     # The daemon's command line: the top of organixmd.
-    "organixmd.cli": frozenset(
-        {
-            "organixmd",
-            "organixmd.base",
-            "organixmd.release",
-            "organixmd.boot",
-            "organixmd.install",
-            "organixmd.host",
-            "organixmd.service",
-        }
-    ),
-    "organixctl.publisher": frozenset(
-        {"organixmd", "organixmd.base", "organixmd.release", "organixmd.boot"}
-    ),
-    "organixctl.provisioner": frozenset(
-        {"organixmd", "organixmd.base", "organixmd.release", "organixmd.boot", "organixmd.install"}
-    ),
+    "organixmd.cli",
+)
+
+
+def _below(layer: str) -> frozenset[str]:
+    return frozenset(DAEMON_LAYERS[: DAEMON_LAYERS.index(layer)])
+
+
+ALLOWED: dict[str, frozenset[str]] = {
+    **{layer: _below(layer) for layer in DAEMON_LAYERS},
+    # Making a release needs what a release is and how GRUB is driven, never a host.
+    "organixctl.publisher": _below("organixmd.install"),
+    "organixctl.provisioner": _below("organixmd.host"),
     # The commands: never the daemon's host or service layers.
-    "organixctl": frozenset(
-        {
-            "organixmd",
-            "organixmd.base",
-            "organixmd.release",
-            "organixmd.boot",
-            "organixmd.install",
-            "organixctl.publisher",
-            "organixctl.provisioner",
-        }
-    ),
+    "organixctl": _below("organixmd.host") | {"organixctl.publisher", "organixctl.provisioner"},
 }
 
 ROOTS = ("organixmd", "organixctl")

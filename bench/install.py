@@ -75,12 +75,12 @@ def child(config_path: Path) -> int:
     """One check (and install) with the daemon's own engine; prints one JSON line."""
     from organixmd.base import logsetup
     from organixmd.base.config import load_config
-    from organixmd.service.compose import build_engine
+    from organixmd.service.compose import build_host, unobserved
 
     logsetup.configure("warning")
 
     async def run() -> tuple[Any, float, float]:
-        engine = await build_engine(load_config(config_path))
+        engine = (await build_host(load_config(config_path), unobserved)).engine
         started = time.monotonic()
         verdict = await engine.check()
         return verdict, time.monotonic() - started, engine.counters.last_stream_seconds or 0.0

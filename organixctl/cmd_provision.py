@@ -109,7 +109,9 @@ async def _provision(args: argparse.Namespace) -> int:
     )
     keys = load_keys(args.pubkey)
     async with open_source(config) as source:
-        release, verified = await fetch_release(source, keys)
+        trusted = await fetch_release(source, keys)
+        assert trusted is not None  # noqa: S101 - an unconditional fetch returns the meta
+        release, verified = trusted.release, trusted.verified
         plan = provision.make_plan(
             target,
             release,

@@ -95,10 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _once(config: Config, *, install: bool, force: bool) -> int:
-    from organixmd.service.compose import build_host
+    from organixmd.service.compose import build_host, unobserved
 
     try:
-        host = await build_host(config)
+        host = await build_host(config, unobserved)
     except OrganixmError as exc:
         print(f"organixmd: {exc}", file=sys.stderr)
         return OnceExit.CONFIG if exc.code == "config-invalid" else OnceExit.ERROR

@@ -140,17 +140,6 @@ def test_mark_bad_moves_slot_last() -> None:
     assert state.b == SlotBoot("bad")
 
 
-def test_trial_failed_demotes_only_a_trial_slot() -> None:
-    """A failed boot assessment marks a trial slot bad and leaves a committed one alone."""
-    committed = fresh("a")
-    assert boot.trial_failed(committed, "a") is committed
-    on_trial = boot.predict_boot(
-        boot.flipped(committed, "b", 2, booted="a"), {"a": True, "b": True}
-    )
-    failed = boot.trial_failed(on_trial.after, "b")
-    assert (failed.b.state, failed.order) == ("bad", ("a", "b"))
-
-
 def test_rollback_needs_a_good_other_slot() -> None:
     """Rollback puts the other slot first only when it was committed."""
     with pytest.raises(SlotError, match="not good"):

@@ -25,6 +25,7 @@ import pytest
 from organixctl.publisher.publish import PublishRequest, publish
 from organixmd.base.config import SourceConfig
 from organixmd.base.errors import ImageError
+from organixmd.base.objectnames import delta_index_name
 from organixmd.install import delta
 from organixmd.release import delta as delta_format
 from organixmd.release.meta import MetaV1, parse_meta
@@ -389,7 +390,7 @@ def test_unsigned_index_is_not_used_when_keys_are_trusted(tmp_path: Path, images
     pub.mkdir()
     publish_release(images.old, str(pub / "host"), "1.0", 1, key=key_path)
     meta = publish_release(images.new, str(pub / "host"), "2.0", 2, key=key_path)
-    index = pub / delta_format.index_name(meta.image.object)
+    index = pub / delta_index_name(meta.image.object)
     (index.parent / (index.name + ".minisig")).unlink()
     host = prepare_host(tmp_path / "host", f"file://{pub}/host", installed=images.old)
     try:
@@ -414,7 +415,7 @@ def test_index_for_another_image_or_damaged_is_refused(tmp_path: Path, images: I
     pub.mkdir()
     v1 = publish_release(images.old, str(pub / "host"), "1.0", 1)
     v2 = publish_release(images.new, str(pub / "host"), "2.0", 2)
-    data = (pub / delta_format.index_name(v2.image.object)).read_bytes()
+    data = (pub / delta_index_name(v2.image.object)).read_bytes()
     parsed = delta_format.parse_index(data, v2.image, source="i")
     assert parsed.blocks == IMAGE // delta_format.BLOCK_SIZE
     with pytest.raises(ImageError, match="not the meta's"):

@@ -15,13 +15,16 @@ import zstandard
 
 from organixmd.base.config import parse_config
 from organixmd.base.errors import ImageError, ImageMismatch
-from organixmd.host.engine import Engine
-from organixmd.host.state import StateStore
+from organixmd.boot.port import GrubBootPort
+from organixmd.host.engine import Engine, read_host_id
+from organixmd.host.state import StateKeeper, StateStore
 from organixmd.install.pipeline import Installer
+from organixmd.install.slots import booted_slot
 from organixmd.release.meta import Release, parse_meta
 from organixmd.release.minisign import SecretKey
-from organixmd.release.sources import ByteStream, FileSource
+from organixmd.release.sources import ByteStream, FileSource, Source, open_source
 from organixmd.release.trust import load_public_keys
+from organixmd.service.compose import unobserved
 from tests.support.images import make_ext4_image, sha256_file
 from tests.support.releases import build_legacy_release, build_release
 
@@ -88,17 +91,32 @@ host_id_file = "{self.root / "machine-id"}"
     def engine(
         self, url: str, extra_source: str = "", extra: str = "", slow: float = 0.0
     ) -> Engine:
+        """The engine as the composition root builds it, without taking the host lock
+        (a test may build several engines for one host), over a GRUB environment that
+        commits the booted slot, as a provisioned host's does."""
         config = parse_config(self.config_text(url, extra_source, extra))
         store = StateStore(config.daemon.state_dir)
         state, _ = store.load()
-        factory = (lambda: SlowFileSource(url, 5, slow)) if slow else None
+        booted = booted_slot(config.slots.cmdline)
+        port = GrubBootPort(config.boot.grubenv, config.boot.grubenv_copy, booted)
+        if not config.boot.grubenv.exists():
+            port.repair(booted or "a")
+
+        def factory() -> Source:
+            if slow:
+                return SlowFileSource(url, 5, slow)
+            return open_source(config.source)
+
         return Engine(
-            config,
-            store,
-            state,
-            boot=None,
+            slots=config.slots,
+            install=config.install,
+            trial_boots=config.boot.trial_boots,
+            host_id=read_host_id(config.daemon.host_id_file),
+            keeper=StateKeeper(store, state),
+            boot=port,
             public_keys=load_public_keys(config),
             source_factory=factory,
+            on_event=unobserved,
         )
 
     def state(self) -> dict[str, Any]:
@@ -120,16 +138,16 @@ def rootfs2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 async def test_file_source_install_verifies_slot_b(tmp_path: Path, rootfs: Path) -> None:
-    """A newer release lands in the inactive slot b, byte for byte, and is recorded verified."""
+    """A newer release lands in the inactive slot b, byte for byte, is verified and flipped."""
     host = Host(tmp_path)
     release = build_release(rootfs, tmp_path / "pub", version="1.0", serial=1)
     verdict = await host.engine(release.url).check()
     assert verdict.outcome == "staged", verdict.message
-    assert verdict.code == "verified"
+    assert verdict.code == "staged"
     size = release.meta.image.size
     assert sha256_file(host.slot_b, size) == sha256_file(rootfs)
     state = host.state()
-    assert state["slots"]["b"]["status"] == "verified"
+    assert state["slots"]["b"]["status"] == "staged"
     assert state["progress"] is None
     # The booted slot a was never touched: still all zeros.
     assert sha256_file(host.slot_a, size) == hashlib.sha256(bytes(size)).hexdigest()
@@ -143,7 +161,7 @@ async def test_second_check_is_staged_not_reinstalled(tmp_path: Path, rootfs: Pa
     await engine.check()
     mtime = host.slot_b.stat().st_mtime_ns
     verdict = await engine.check()
-    assert (verdict.outcome, verdict.code) == ("staged", "verified")
+    assert (verdict.outcome, verdict.code) == ("staged", "staged")
     assert host.slot_b.stat().st_mtime_ns == mtime
 
 
@@ -561,7 +579,8 @@ async def test_replaced_object_on_resume_starts_over_instead_of_sticking(
     os.utime(release.object_path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
     verdict = await host.engine(release.url).check()
     assert verdict.outcome == "staged", verdict.message
-    assert host.state()["history"][-1]["detail"].endswith("resumed at chunk 0")
+    installed = [e for e in host.state()["history"] if e["event"] == "installed"]
+    assert installed[-1]["detail"].endswith("resumed at chunk 0")
     assert sha256_file(host.slot_b, release.meta.image.size) == sha256_file(rootfs)
 
 

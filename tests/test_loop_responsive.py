@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from organixmd.base.config import load_config
-from organixmd.service.compose import build_engine
+from organixmd.service.compose import build_host, unobserved
 from tests.support.images import make_ext4_image, sha256_file
 from tests.support.nginx import start_nginx
 from tests.support.releases import build_release
@@ -34,7 +34,9 @@ async def test_timer_never_late_during_install(tmp_path: Path) -> None:
     server = start_nginx(tmp_path / "pub", tmp_path / "nginx")
     try:
         host = CliHost(tmp_path / "host", slot_size=72 * MiB)
-        engine = await build_engine(load_config(host.write_config(f"{server.url}/fleet/host")))
+        config = load_config(host.write_config(f"{server.url}/fleet/host"))
+        parts = await build_host(config, unobserved)
+        engine = parts.engine
         lateness: list[float] = []
         stop = asyncio.Event()
 

@@ -15,7 +15,8 @@ from typing import IO
 import zstandard
 
 from organixmd.base.errors import ImageError
-from organixmd.release.delta import BLOCK_SIZE, FRAME_SIZE, DeltaIndex, block_key, frames_name
+from organixmd.base.objectnames import frames_object_name
+from organixmd.release.delta import BLOCK_SIZE, FRAME_SIZE, DeltaIndex, block_key
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def build_delta(
         image_sha256=image_sha256,
         image_size=size,
         frame_size=frame_size,
-        frames_object=frames_name(frames_sha256),
+        frames_object=frames_object_name(frames_sha256),
         frames_size=sum(lengths),
         frame_lengths=lengths,
         keys=keys,

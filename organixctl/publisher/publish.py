@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -46,7 +47,15 @@ from organixmd.base.errors import (
     SourceNotFound,
 )
 from organixmd.base.fsutil import fsync_dir, write_atomic
-from organixmd.release.delta import index_name
+from organixmd.base.objectnames import (
+    IMAGES_DIR,
+    META_SUFFIX,
+    delta_index_name,
+    delta_signature_name,
+    image_object_name,
+    meta_name,
+    signature_name,
+)
 from organixmd.release.meta import MAX_META_BYTES, BootEntry, Chunk, MetaV1, now_utc, parse_meta
 from organixmd.release.s3client import S3Settings, open_client, parse_s3_url, s3_errors
 
@@ -58,7 +67,6 @@ if TYPE_CHECKING:
 #: Used when the publisher is given no boot options (see docs/format.md).
 DEFAULT_BOOT = BootEntry(kernel="/boot/bzImage", initrd="/boot/initrd", init="/sbin/init")
 
-IMAGES_DIR = "images"
 _BOOT_PATH_WORDS = (
     "must be an absolute path inside the image of letters, digits and ._+/@=- "
     "(no spaces or quotes: GRUB script reads it)"
@@ -449,9 +457,17 @@ class S3Target:
         except BaseException as exc:
             # Abandoned parts cost storage until aborted; the abort's own failure must
             # not hide why the upload failed.
-            with contextlib.suppress(Exception):
+            try:
                 await self._client.abort_multipart_upload(
                     Bucket=self.bucket, Key=key, UploadId=upload_id
+                )
+            except Exception as abort_exc:
+                print(
+                    f"organixctl publish: warning: could not abort the multipart upload "
+                    f"{upload_id} of s3://{self.bucket}/{key} ({type(abort_exc).__name__}: "
+                    f"{abort_exc}); its parts take storage until a lifecycle rule or "
+                    "'aws s3api abort-multipart-upload' removes them",
+                    file=sys.stderr,
                 )
             if isinstance(exc, BaseExceptionGroup):
                 first = exc.exceptions[0]
@@ -475,7 +491,7 @@ def split_target(target: str) -> tuple[str, str, str]:
 
     The name is the meta's file name without ``.meta``.
     """
-    if target.endswith((".meta", "/")) or not target:
+    if target.endswith((META_SUFFIX, "/")) or not target:
         raise ConfigError(
             f"--to {target!r}: give the release name without '.meta', e.g. "
             "s3://bucket/fleet/web or /srv/releases/web (the publisher appends .meta)"
@@ -613,7 +629,7 @@ async def publish(request: PublishRequest, progress: Progress | None = None) -> 
             local = LocalTarget(Path(place))
             await asyncio.to_thread(local.prepare)
             target = local
-        await _check_serial(target, f"{name}.meta", request)
+        await _check_serial(target, meta_name(name), request)
         fd, staged = _staging(target, ".img.zst")
         # Removed on every exit: after an upload it is a redundant copy, after a
         # failure or cancellation an incomplete one.
@@ -632,7 +648,7 @@ async def publish(request: PublishRequest, progress: Progress | None = None) -> 
             stack.callback(frames_staged.unlink, missing_ok=True)
             built = await asyncio.to_thread(_build_delta, request, written, frames_staged)
         compressed_at = time.monotonic()
-        object_name = f"{IMAGES_DIR}/{written.compressed_sha256}.img.zst"
+        object_name = image_object_name(written.compressed_sha256)
         meta = build_meta(request, written, object_name)
         meta_bytes = meta.to_json()
         if len(meta_bytes) > MAX_META_BYTES:
@@ -660,30 +676,33 @@ async def publish(request: PublishRequest, progress: Progress | None = None) -> 
                 await target.put_image(
                     frames_staged, frames.frames_object, frames.frames_size, None
                 )
-            index_object = index_name(object_name)
+            index_object = delta_index_name(object_name)
             index_bytes = frames.to_bytes()
             # The same image publishes the same index (and, with the same key, the same
             # signature): republishing then writes nothing here either.
             await _put_if_changed(target, index_object, index_bytes, "application/zstd")
             if key is not None:
                 signed = key.sign(index_bytes, f"organixm delta index sha256={meta.image.sha256}")
-                await _put_if_changed(target, f"{index_object}.minisig", signed, "text/plain")
-            elif await target.read_small(f"{index_object}.minisig", 0) is not None:
-                await target.delete(f"{index_object}.minisig")
+                await _put_if_changed(
+                    target, delta_signature_name(object_name), signed, "text/plain"
+                )
+            elif await target.read_small(delta_signature_name(object_name), 0) is not None:
+                await target.delete(delta_signature_name(object_name))
             index_location = target.location(index_object)
-        meta_name = f"{name}.meta"
+        meta_object = meta_name(name)
+        signature_object = signature_name(name)
         if signature is not None:
-            await target.put_small(f"{meta_name}.minisig", signature, "text/plain")
+            await target.put_small(signature_object, signature, "text/plain")
         else:
             # A signature left from an earlier release would not match the new meta.
-            await target.delete(f"{meta_name}.minisig")
-        await target.put_small(meta_name, meta_bytes, "application/json")
+            await target.delete(signature_object)
+        await target.put_small(meta_object, meta_bytes, "application/json")
         finished = time.monotonic()
         return PublishResult(
             meta=meta,
             meta_bytes=meta_bytes,
-            meta_location=target.location(meta_name),
-            signature_location=target.location(f"{meta_name}.minisig") if signature else None,
+            meta_location=target.location(meta_object),
+            signature_location=target.location(signature_object) if signature else None,
             image_location=target.location(object_name),
             image_uploaded=uploaded,
             compress_seconds=compressed_at - started,

@@ -60,6 +60,13 @@ class OrganixmError(Exception):
         return f"{self.message} ({advice})" if advice else self.message
 
 
+class InternalError(OrganixmError):
+    """A bug caught at the edge of a check: the traceback is in the journal."""
+
+    code = "internal-error"
+    hint = "a bug: the details are in the journal (journalctl -u organixm-update); report it"
+
+
 class ConfigError(OrganixmError):
     code = "config-invalid"
     status = 400

@@ -10,7 +10,11 @@ object is named inside the meta, relative to it, and its delta index sits beside
 from __future__ import annotations
 
 META_SUFFIX = ".meta"
-SIGNATURE_SUFFIX = META_SUFFIX + ".minisig"
+#: A detached minisign signature sits next to what it signs, under this suffix.
+MINISIG_SUFFIX = ".minisig"
+SIGNATURE_SUFFIX = META_SUFFIX + MINISIG_SUFFIX
+#: Where the publisher puts images (content-addressed), relative to the meta.
+IMAGES_DIR = "images"
 
 
 def meta_name(name: str) -> str:
@@ -21,6 +25,11 @@ def signature_name(name: str) -> str:
     return name + SIGNATURE_SUFFIX
 
 
+def image_object_name(compressed_sha256: str) -> str:
+    """The content-addressed name the publisher gives an image object."""
+    return f"{IMAGES_DIR}/{compressed_sha256}.img.zst"
+
+
 DELTA_SUFFIX = ".delta"
 
 
@@ -29,6 +38,11 @@ def delta_index_name(image_object: str) -> str:
     return image_object + DELTA_SUFFIX
 
 
+def delta_signature_name(image_object: str) -> str:
+    """The delta index's signature, next to the index."""
+    return delta_index_name(image_object) + MINISIG_SUFFIX
+
+
 def frames_object_name(sha256: str) -> str:
     """The content-addressed name the publisher gives a frames object."""
-    return f"images/{sha256}.frames.zst"
+    return f"{IMAGES_DIR}/{sha256}.frames.zst"

@@ -235,17 +235,6 @@ def marked_bad(state: BootState, slot: SlotName) -> BootState:
     return replace(state.with_slot(slot, SlotBoot("bad")), order=(other(slot), slot))
 
 
-def trial_failed(state: BootState, booted: SlotName) -> BootState:
-    """The boot assessment failed on ``booted``: bad if it was on trial, else unchanged.
-
-    A committed slot is not demoted by a failure on a later boot (that is an
-    operator's decision: :func:`marked_bad`). Idempotent.
-    """
-    if state.slot(booted).state != "trial":
-        return state
-    return marked_bad(state, booted)
-
-
 def rolled_back(state: BootState, booted: SlotName) -> BootState:
     """The other slot first again; it must be good (a committed earlier system)."""
     target = other(booted)

@@ -1,4 +1,9 @@
-"""The engine's and daemon's adapter onto :class:`organixmd.boot.machine.BootControl`."""
+"""The boot port: the host layer's one way to GRUB's environment.
+
+The engine (read, stage, invalidate, raise the floor) and boot assessment (repair,
+commit, mark bad, roll back) drive :class:`GrubBootPort`; neither reaches past it
+to :class:`organixmd.boot.machine.BootControl`.
+"""
 
 from __future__ import annotations
 
@@ -23,25 +28,25 @@ class GrubBootPort:
     def read(self) -> BootState:
         return self.control.read()
 
-    def booted_on_trial(self, booted: SlotName) -> bool:
-        return self.control.read().slot(booted).state == "trial"
+    @property
+    def directory(self) -> Path:
+        """Where the environment's primary copy lives (the boot partition's grub/)."""
+        return self.control.primary.parent
 
-    def disagreement(self, booted: SlotName) -> str | None:
-        state = self.control.read()
-        if state.slot(booted).state == "bad":
-            return (
-                f"the kernel command line says slot {booted} is booted, but the GRUB "
-                f"environment marks slot {booted} bad"
-            )
-        if state.booted is not None and state.booted != booted:
-            return (
-                f"the kernel command line says slot {booted} is booted, but GRUB's record "
-                f"of this boot (organixm_booted) names slot {state.booted}"
-            )
-        return None
+    def damaged(self) -> bool:
+        return self.control.damaged()
 
-    def floor(self) -> int:
-        return self.control.read().floor
+    def repair(self, known_good_slot: SlotName) -> BootState:
+        return self.control.repair(known_good_slot)
+
+    def commit(self, booted: SlotName, serial: int | None) -> BootState:
+        return self.control.commit(booted, serial)
+
+    def mark_bad(self, slot: SlotName) -> BootState:
+        return self.control.mark_bad(slot)
+
+    def rollback(self) -> BootState:
+        return self.control.rollback()
 
     def raise_floor(self, booted: SlotName, serial: int) -> None:
         # Only a committed slot's release sets the floor: a trial may still fail.

@@ -21,14 +21,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from organixmd.apidef import Outcome, VerdictCode
 from organixmd.base.config import BootConfig
 from organixmd.base.errors import BootError, PolicyError, RebootError, SlotError
 from organixmd.base.logsetup import get_logger
 from organixmd.base.slotname import SlotName, other
 from organixmd.boot.machine import BootState
 from organixmd.boot.port import GrubBootPort
-from organixmd.host.engine import Engine
-from organixmd.host.state import SlotRecord, Verdict, utcnow
+from organixmd.host.state import SlotRecord, StateKeeper, Verdict, utcnow
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,9 +95,9 @@ def explain(
 class BootManager:
     """Boot assessment and the admin's boot commands (mark-good, mark-bad, rollback)."""
 
-    def __init__(self, config: BootConfig, engine: Engine, port: GrubBootPort) -> None:
+    def __init__(self, config: BootConfig, keeper: StateKeeper, port: GrubBootPort) -> None:
         self.config = config
-        self.engine = engine
+        self.keeper = keeper
         self.port = port
         self.booted = port.booted
         self.report = explain(None, self.booted)
@@ -114,34 +114,32 @@ class BootManager:
         """Run once at start: repair the env, learn why we booted, record a fallback."""
         booted = self.booted
         state = await self.read()
-        directory = self.port.control.primary.parent
+        directory = self.port.directory
         if state is None and booted is not None and not directory.is_dir():
             # The boot partition is not mounted: nothing can be flipped, but the daemon
             # still starts, answers status and sends READY (units ordered after it start).
             self.report = explain(None, booted, unmounted=directory)
             self.log.error("boot_env_missing", detail=self.report.explanation)
-            await self.engine.try_persist()
+            await self.keeper.try_persist()
             return self.report
         if state is None and booted is not None:
-            state = await asyncio.to_thread(self.port.control.repair, booted)
-            self.engine.state.record("env-repaired", slot=booted)
+            state = await asyncio.to_thread(self.port.repair, booted)
+            self.keeper.state.record("env-repaired", slot=booted)
             self.log.warning(
                 "env_repaired",
                 detail=f"the GRUB environment was missing or corrupt; recreated with slot "
                 f"{booted} committed",
             )
         elif state is not None and state.source == "backup" and booted is not None:
-            state = await asyncio.to_thread(self.port.control.repair, booted)
+            state = await asyncio.to_thread(self.port.repair, booted)
             self.log.warning("env_repaired", detail="primary copy was torn; restored from backup")
         elif (
-            state is not None
-            and booted is not None
-            and await asyncio.to_thread(self.port.control.damaged)
+            state is not None and booted is not None and await asyncio.to_thread(self.port.damaged)
         ):
             # Only a damaged copy is rewritten: every rename on the boot partition is a
             # window in which a power cut leaves GRUB (which replays no file-system
             # journal) reading the old file while Linux reads the new one.
-            state = await asyncio.to_thread(self.port.control.repair, booted)
+            state = await asyncio.to_thread(self.port.repair, booted)
             self.log.warning(
                 "env_repaired",
                 detail="a copy of the GRUB environment was damaged (GRUB cannot save its "
@@ -151,16 +149,16 @@ class BootManager:
             state = await self._finish_mark_bad(state, booted)
         self.report = explain(state, booted)
         if state is None or booted is None:
-            await self.engine.try_persist()
+            await self.keeper.try_persist()
             return self.report
         if self.report.reason and self.report.reason.startswith("fallback"):
             await self._record_fallback(booted, self.report.reason)
-        running = self.engine.state.slots.get(booted)
+        running = self.keeper.state.slots.get(booted)
         if running is not None and not running.release.legacy:
             # Hosts committed before the floor existed (or whose env was recreated) get it
             # back from the committed release they run.
             await asyncio.to_thread(self.port.raise_floor, booted, running.release.serial)
-        await self.engine.try_persist()
+        await self.keeper.try_persist()
         self.log.info("boot_assessed", reason=self.report.reason, detail=self.report.explanation)
         return self.report
 
@@ -172,17 +170,17 @@ class BootManager:
         in the backup (GRUB's copy when the primary is torn), and its release not
         remembered as failed (invariant 4). Idempotent: once recorded, nothing is done.
         """
-        record = self.engine.state.slots.get(booted)
+        record = self.keeper.state.slots.get(booted)
         if (
             state.slot(booted).state != "bad"
             or state.booted != booted
             or state.reason != "trial"
             or record is None
-            or self.engine.state.has_failed(record.release) is not None
+            or self.keeper.state.has_failed(record.release) is not None
         ):
             return state
-        state = await asyncio.to_thread(self.port.control.mark_bad, booted)
-        failed = await self.engine.record_failed(
+        state = await asyncio.to_thread(self.port.mark_bad, booted)
+        failed = await self.keeper.record_failed(
             booted, "marked bad during its trial boot (completed after the daemon restarted)"
         )
         self.log.warning(
@@ -195,13 +193,13 @@ class BootManager:
 
     async def _record_fallback(self, booted: SlotName, reason: str) -> None:
         failed_slot = other(booted)
-        record = self.engine.state.slots.get(failed_slot)
+        record = self.keeper.state.slots.get(failed_slot)
         if record is None or record.status not in ("staged", "verified"):
             return
         # Written by reconcile right after (a full state directory must not stop the start).
-        failed = await self.engine.record_failed(failed_slot, reason, persist=False)
+        failed = await self.keeper.record_failed(failed_slot, reason, persist=False)
         # The slot's content stays, but it is no longer a candidate.
-        del self.engine.state.slots[failed_slot]
+        del self.keeper.state.slots[failed_slot]
         if failed is not None:
             self.log.warning(
                 "fell_back",
@@ -226,15 +224,15 @@ class BootManager:
         booted = self._require_booted()
         async with self._lock:
             before = await self.read()
-            record = self.engine.state.slots.get(booted)
+            record = self.keeper.state.slots.get(booted)
             serial = None if record is None or record.release.legacy else record.release.serial
-            state = await asyncio.to_thread(self.port.control.commit, booted, serial)
+            state = await asyncio.to_thread(self.port.commit, booted, serial)
             if record is not None and record.status != "installed":
-                self.engine.state.slots[booted] = SlotRecord(
+                self.keeper.state.slots[booted] = SlotRecord(
                     release=record.release, status="installed", at=utcnow()
                 )
             if before is None or before.slot(booted).state != "good":
-                self.engine.state.record(
+                self.keeper.state.record(
                     "committed", slot=booted, release=record.release if record else None
                 )
                 self.log.info(
@@ -242,7 +240,7 @@ class BootManager:
                     version=record.release.version if record else None,
                     serial=record.release.serial if record else None,
                 )
-            await self.engine.persist()
+            await self.keeper.persist()
             self.report = explain(state, booted)
             return state
 
@@ -266,8 +264,8 @@ class BootManager:
                     "refusing to mark the running committed system bad",
                     hint="pass force (organixctl mark-bad --force) to demote it anyway",
                 )
-            state = await asyncio.to_thread(self.port.control.mark_bad, booted)
-            failed = await self.engine.record_failed(booted, reason)
+            state = await asyncio.to_thread(self.port.mark_bad, booted)
+            failed = await self.keeper.record_failed(booted, reason)
             self.log.warning(
                 "marked_bad",
                 reason=reason,
@@ -285,12 +283,12 @@ class BootManager:
         """
         booted = self._require_booted()
         async with self._lock:
-            state = await asyncio.to_thread(self.port.control.rollback)
-            record = self.engine.state.slots.get(booted)
-            if record is not None and self.engine.state.has_failed(record.release) is None:
-                await self.engine.record_failed(booted, "rolled back by an admin", event=None)
-            self.engine.state.record("rollback", slot=other(booted))
-            await self.engine.persist()
+            state = await asyncio.to_thread(self.port.rollback)
+            record = self.keeper.state.slots.get(booted)
+            if record is not None and self.keeper.state.has_failed(record.release) is None:
+                await self.keeper.record_failed(booted, "rolled back by an admin", event=None)
+            self.keeper.state.record("rollback", slot=other(booted))
+            await self.keeper.persist()
             self.log.info("rollback", next_slot=other(booted))
             return state
 
@@ -379,7 +377,7 @@ class Reboot:
         reboot: at once when ``now`` (the admin asked for it; a failure is raised),
         otherwise by policy (a failure is logged; the reason stays pending).
         """
-        if verdict.outcome != "staged" or verdict.code != "staged":
+        if verdict.outcome != Outcome.STAGED or verdict.code != VerdictCode.STAGED:
             return
         if now:
             await self.run(why)

@@ -19,7 +19,6 @@ logged once, and shown by status.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -31,37 +30,38 @@ from uuid import uuid4
 
 import structlog
 
-from organixmd.base.config import Config
+from organixmd.apidef import Outcome, VerdictCode
+from organixmd.base.config import InstallConfig, SlotsConfig
 from organixmd.base.errors import (
+    BootError,
     Busy,
     Cancelled,
+    InternalError,
     OrganixmError,
     PolicyError,
     SignatureError,
     SlotError,
     SourceChanged,
     SourceError,
-    StateError,
 )
 from organixmd.base.logsetup import get_logger
 from organixmd.base.slotname import SlotName, other
-from organixmd.host.hostlock import HostLock
+from organixmd.boot.machine import BootState
+from organixmd.host import policy
 from organixmd.host.state import (
-    FailedRelease,
+    Checkpoint,
     ReleaseRef,
     SlotRecord,
     State,
-    StateStore,
+    StateKeeper,
     Verdict,
     utcnow,
 )
-from organixmd.host.state import (
-    Progress as Checkpoint,
-)
 from organixmd.install.blockio import hash_device
 from organixmd.install.slots import booted_slot, check_target, slot_paths
-from organixmd.release.meta import Release, parse_meta
-from organixmd.release.sources import Source, open_source
+from organixmd.release.meta import Release
+from organixmd.release.sources import Source
+from organixmd.release.trust import fetch_release
 
 if TYPE_CHECKING:
     # The idle daemon never needs these: the install pipeline (zstandard) is imported
@@ -69,12 +69,6 @@ if TYPE_CHECKING:
     from organixmd.install.delta import DeltaInstaller, LocalSlot
     from organixmd.install.pipeline import Installer, InstallResult, Progress
     from organixmd.release import minisign
-
-#: Verdicts decided by the meta (and what this boot runs) alone: an unchanged meta gives
-#: the same answer, so the next poll may ask conditionally. Any other blocked verdict
-#: (slot too small, mounted, booted slot unknown) depends on the host, which can be
-#: fixed without a new meta: the next check must fetch the meta and decide afresh.
-META_ONLY_VERDICTS = frozenset({"up-to-date", "downgrade-refused", "release-failed-before"})
 
 
 class Phase(StrEnum):
@@ -90,14 +84,8 @@ class Phase(StrEnum):
 class BootPort(Protocol):
     """What the engine needs from boot control (GRUB's environment)."""
 
-    def booted_on_trial(self, booted: SlotName) -> bool:
-        """Whether the running slot is still on trial (not yet committed)."""
-
-    def disagreement(self, booted: SlotName) -> str | None:
-        """Why the boot environment contradicts the kernel's ``booted`` slot, if it does."""
-
-    def floor(self) -> int:
-        """The lowest serial this host may install (the highest it committed)."""
+    def read(self) -> BootState:
+        """The environment's state (raises BootError when no copy is readable)."""
 
     def raise_floor(self, booted: SlotName, serial: int) -> None:
         """Raise the floor to ``serial`` if ``booted`` is committed (never lowers it)."""
@@ -107,23 +95,6 @@ class BootPort(Protocol):
 
     def invalidate(self, target: SlotName) -> None:
         """Mark ``target`` bad before it is overwritten (a half-written slot is never good)."""
-
-
-@dataclass(frozen=True, slots=True)
-class LiveProgress:
-    phase: Phase
-    bytes_done: int
-    bytes_total: int
-    rate: float
-    #: Compressed bytes fetched so far, and image bytes copied from local slots.
-    downloaded: int = 0
-    reused: int = 0
-
-    @property
-    def eta(self) -> float | None:
-        if self.rate <= 0 or self.bytes_done >= self.bytes_total:
-            return None
-        return (self.bytes_total - self.bytes_done) / self.rate
 
 
 EventSink = Callable[[str, dict[str, Any]], None]
@@ -154,12 +125,6 @@ def release_ref(release: Release) -> ReleaseRef:
     )
 
 
-def rollout_bucket(host_id: str, release_uuid: str) -> int:
-    """A stable number 0-99 per host and release: hosts below the percentage install."""
-    digest = hashlib.sha256(f"{host_id}:{release_uuid}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % 100
-
-
 def read_host_id(path: Path) -> str:
     try:
         text = path.read_text().strip()
@@ -169,43 +134,55 @@ def read_host_id(path: Path) -> str:
 
 
 class Engine:
-    """Checks for releases and installs them. One operation at a time."""
+    """Checks for releases and installs them. One operation at a time.
+
+    Orchestration only: the decision is :func:`organixmd.host.policy.decide`'s, the
+    state is the shared :class:`~organixmd.host.state.StateKeeper`'s, the release comes
+    through :func:`organixmd.release.trust.fetch_release`, the bytes through the install
+    pipeline, and the flip through the boot port.
+    """
 
     def __init__(
         self,
-        config: Config,
-        store: StateStore,
-        state: State,
         *,
-        boot: BootPort | None,
+        slots: SlotsConfig,
+        install: InstallConfig,
+        trial_boots: int,
+        host_id: str,
+        keeper: StateKeeper,
+        boot: BootPort,
         public_keys: list[minisign.PublicKey],
-        on_event: EventSink | None = None,
-        source_factory: Callable[[], Source] | None = None,
+        source_factory: Callable[[], Source],
+        on_event: EventSink,
     ) -> None:
-        self.config = config
-        self.store = store
-        self.state = state
+        self.slots_config = slots
+        self.install_config = install
+        self.trial_boots = trial_boots
+        self.host_id = host_id
+        self.keeper = keeper
         self.boot = boot
         self.public_keys = public_keys
         self.on_event = on_event
-        self._source_factory = source_factory or (lambda: open_source(config.source))
+        self._source_factory = source_factory
         self._lock = asyncio.Lock()
-        self._persist_lock = asyncio.Lock()
         self._task: asyncio.Task[Any] | None = None
         self._cancel_requested = False
         self._identified: set[tuple[SlotName, str]] = set()
         self.phase = Phase.IDLE
-        self.progress: LiveProgress | None = None
+        #: The running install's progress (``None`` between installs).
+        self.progress: Progress | None = None
         self.current: ReleaseRef | None = None
         self.last_error: OrganixmError | None = None
         self.counters = Counters()
-        self.host_id = read_host_id(config.daemon.host_id_file)
         self.log = get_logger("organixmd.engine")
-        self.slots = slot_paths(config.slots)
-        #: The host's writer lock, held while this engine lives (set by the composition root).
-        self.lock: HostLock | None = None
+        self.slots = slot_paths(slots)
 
     # ------------------------------------------------------------------ helpers
+
+    @property
+    def state(self) -> State:
+        """The host's state, held by the keeper."""
+        return self.keeper.state
 
     @property
     def busy(self) -> bool:
@@ -223,30 +200,10 @@ class Engine:
         return True
 
     def booted(self) -> SlotName | None:
-        return booted_slot(self.config.slots.cmdline)
-
-    async def persist(self) -> None:
-        """Write the state file (serialised here, written in a worker thread)."""
-        async with self._persist_lock:
-            data = self.store.encode(self.state)
-            await asyncio.to_thread(self.store.write, data)
-
-    async def try_persist(self) -> StateError | None:
-        """Write the state file; a failure (say a full file system) is logged and returned.
-
-        The state stays in memory and the next write carries it; the old file stays
-        intact (the write is atomic). For callers that must go on without it.
-        """
-        try:
-            await self.persist()
-        except StateError as exc:
-            self.log.error("state_unwritable", code=exc.code, error=str(exc))
-            return exc
-        return None
+        return booted_slot(self.slots_config.cmdline)
 
     def _emit(self, kind: str, **fields: Any) -> None:
-        if self.on_event is not None:
-            self.on_event(kind, fields)
+        self.on_event(kind, fields)
 
     def _set_phase(self, phase: Phase) -> None:
         self.phase = phase
@@ -257,13 +214,13 @@ class Engine:
         self.state.last_check = verdict.at
         self.state.last_verdict = verdict
         self.state.meta_etag = keep_etag
-        unwritable = await self.try_persist()
+        unwritable = await self.keeper.try_persist()
         if unwritable is not None:
             # The verdict cannot be kept: the check ends in the state error itself (kept
             # in memory for status; the next check writes the state again).
             if verdict.code != unwritable.code:
                 verdict = self._verdict(
-                    "error",
+                    Outcome.ERROR,
                     unwritable.code,
                     f"{unwritable}; this check's own verdict ({verdict.code}: "
                     f"{verdict.message}) could not be kept",
@@ -288,12 +245,14 @@ class Engine:
     async def _fail(self, exc: OrganixmError) -> Verdict:
         self.last_error = exc
         self._set_phase(Phase.ERROR)
-        outcome = "blocked" if isinstance(exc, PolicyError | SignatureError) else "error"
+        outcome = (
+            Outcome.BLOCKED if isinstance(exc, PolicyError | SignatureError) else Outcome.ERROR
+        )
         return await self._conclude(self._verdict(outcome, exc.code, str(exc), self.current))
 
     @staticmethod
     def _verdict(
-        outcome: Any, code: str, message: str, release: ReleaseRef | None = None
+        outcome: Outcome, code: str, message: str, release: ReleaseRef | None = None
     ) -> Verdict:
         return Verdict(outcome=outcome, code=code, message=message, release=release, at=utcnow())
 
@@ -337,7 +296,7 @@ class Engine:
                 # check with a verdict, so status and waiting clients learn of it.
                 self.log.exception("check_crashed")
                 return await self._fail(
-                    OrganixmError(f"internal error during the check: {type(exc).__name__}: {exc}")
+                    InternalError(f"internal error during the check: {type(exc).__name__}: {exc}")
                 )
             finally:
                 self.progress = None
@@ -359,54 +318,63 @@ class Engine:
             else None
         )
         async with self._source_factory() as source:
-            fetched = await source.fetch_meta(reuse_etag)
-            if fetched is None and last is not None:
+            trusted = await fetch_release(source, self.public_keys, if_none_match=reuse_etag)
+            if trusted is None:
+                assert last is not None  # noqa: S101 - reuse_etag is set only after a verdict
                 message = last.message.removeprefix("meta unchanged: ")
                 verdict = self._verdict(
                     last.outcome, last.code, f"meta unchanged: {message}", last.release
                 )
                 return await self._conclude(verdict, keep_etag=reuse_etag)
-            if fetched is None:
-                fetched = await source.fetch_meta(None)
-            assert fetched is not None  # noqa: S101 - unconditional fetch returns data
-            await self._check_signature(source, fetched.data)
-            release = parse_meta(fetched.data, source=source.meta_url)
+            release = trusted.release
             ref = release_ref(release)
             self.current = ref
-            decision = await self._decide(release, ref, booted, force)
-            if decision is not None:
-                keep = fetched.etag if decision.code in META_ONLY_VERDICTS else None
-                return await self._conclude(decision, keep_etag=keep)
-            self.log.info(
-                "update_found",
-                version=release.version,
-                serial=release.serial,
-                target=other(booted) if booted else None,
-            )
-            if not install:
+            decision = policy.decide(await self._facts(release, ref, booted, force))
+            if not decision.installs or not install:
                 return await self._conclude(
-                    self._verdict(
-                        "available",
-                        "update-available",
-                        f"{release.describe()} is available; run 'organixctl update' to install",
-                        ref,
-                    )
+                    self._verdict(decision.outcome, decision.code, decision.message, ref),
+                    keep_etag=trusted.etag if decision.meta_only else None,
                 )
-            assert booted is not None  # noqa: S101 - _decide refuses an unknown booted slot
+            assert booted is not None  # noqa: S101 - the policy refuses an unknown booted slot
+            self.log.info(
+                "update_found", version=release.version, serial=release.serial, target=other(booted)
+            )
             return await self._install(source, release, ref, other(booted))
 
-    async def _check_signature(self, source: Source, meta: bytes) -> None:
-        if not self.public_keys:
-            return
-        signature = await source.fetch_signature()
-        if signature is None:
-            raise SignatureError(
-                f"{source.signature_url}: no signature, and trusted keys are configured; "
-                "refusing the unsigned meta"
-            )
-        from organixmd.release import minisign
-
-        minisign.verify(meta, signature.data, self.public_keys)
+    async def _facts(
+        self, release: Release, ref: ReleaseRef, booted: SlotName | None, force: bool
+    ) -> policy.Facts:
+        """What the policy looks at: gathered here, so that deciding is pure."""
+        if booted is not None:
+            await self._identify_booted(booted, release)
+        boot: BootState | BootError
+        try:
+            boot = await asyncio.to_thread(self.boot.read)
+        except BootError as exc:
+            boot = exc
+        target_problem = None
+        if booted is not None:
+            try:
+                check_target(
+                    self.slots[other(booted)],
+                    booted,
+                    self.slots[booted].path,
+                    release.size,
+                    self.slots_config.mountinfo,
+                )
+            except SlotError as exc:
+                target_problem = exc
+        return policy.Facts(
+            release=release,
+            booted=booted,
+            slots=dict(self.state.slots),
+            failed=self.state.has_failed(ref),
+            boot=boot,
+            bucket=policy.rollout_bucket(self.host_id, release.uuid),
+            target_problem=target_problem,
+            force=force,
+            readback=self.install_config.readback,
+        )
 
     async def _identify_booted(self, booted: SlotName, release: Release) -> None:
         """Learn what the booted slot holds when the state does not say (first boot).
@@ -428,135 +396,13 @@ class Engine:
                 release=release_ref(release), status="installed", at=utcnow()
             )
             self.state.record("identified", slot=booted, release=release_ref(release))
-            if self.boot is not None and not release.legacy:
+            if not release.legacy:
                 await asyncio.to_thread(self.boot.raise_floor, booted, release.serial)
-
-    async def _decide(
-        self, release: Release, ref: ReleaseRef, booted: SlotName | None, force: bool
-    ) -> Verdict | None:
-        """A verdict when nothing is to be installed now; ``None`` to install."""
-        if booted is None:
-            return self._verdict(
-                "blocked",
-                "booted-slot-unknown",
-                "the kernel command line names no organixm.slot=a|b; writing nothing",
-                ref,
-            )
-        await self._identify_booted(booted, release)
-        running = self.state.slots.get(booted)
-        if running is not None and running.release.sha256 == release.sha256:
-            return self._verdict(
-                "up-to-date",
-                "up-to-date",
-                f"slot {booted} runs {release.describe()}, the published release",
-                ref,
-            )
-        failed = self.state.has_failed(ref)
-        if failed is not None and not force:
-            return self._verdict(
-                "blocked",
-                "release-failed-before",
-                f"{release.describe()} is remembered as failed since "
-                f"{failed.at:%Y-%m-%d %H:%M} UTC ({failed.reason}); not installing it again "
-                "until a newer serial is published or an admin forces it "
-                "(organixctl update --force)",
-                ref,
-            )
-        floor = self.boot.floor() if self.boot is not None else 0
-        if not release.legacy and not force and release.serial < floor:
-            return self._verdict(
-                "blocked",
-                "downgrade-refused",
-                f"published serial {release.serial} is lower than this host's floor {floor} "
-                "(the highest serial it committed, kept in the GRUB environment as "
-                "organixm_floor); refusing a downgrade",
-                ref,
-            )
-        target = other(booted)
-        staged = self.state.slots.get(target)
-        if (
-            staged is not None
-            and staged.release.sha256 == release.sha256
-            and (
-                staged.status == "staged"
-                or (
-                    staged.status == "verified"
-                    and (self.boot is None or not self.config.install.readback)
-                )
-            )
-        ):
-            return self._verdict(
-                "staged",
-                staged.status,
-                f"{release.describe()} is {staged.status} in slot {target}"
-                + ("; it boots on trial at the next reboot" if staged.status == "staged" else ""),
-                ref,
-            )
-        if (
-            running is not None
-            and not release.legacy
-            and not force
-            and release.serial <= running.release.serial
-        ):
-            return self._verdict(
-                "blocked",
-                "downgrade-refused",
-                f"published serial {release.serial} is not greater than the booted slot's "
-                f"serial {running.release.serial} ({running.release.version}); refusing a "
-                "downgrade",
-                ref,
-            )
-        disagreement = self.boot.disagreement(booted) if self.boot is not None else None
-        if disagreement is not None:
-            return self._verdict(
-                "blocked",
-                "boot-env-disagrees",
-                f"{disagreement}; writing neither slot, since the other one may be the only "
-                "good slot this host has. Reboot so GRUB boots the slot its environment "
-                "chooses, or check organixctl status and docs/operations.md",
-                ref,
-            )
-        if self.boot is not None and self.boot.booted_on_trial(booted):
-            return self._verdict(
-                "available",
-                "waiting-for-commit",
-                f"{release.describe()} is available, but the booted slot {booted} is still on "
-                f"trial: slot {target} is the fallback and is not overwritten until this boot "
-                "is committed (organixctl mark-good)",
-                ref,
-            )
-        bucket = rollout_bucket(self.host_id, release.uuid)
-        if bucket >= release.rollout_percent and not force:
-            return self._verdict(
-                "available",
-                "rollout-excluded",
-                f"{release.describe()} is rolled out to {release.rollout_percent}% of hosts; "
-                f"this host's bucket is {bucket}",
-                ref,
-            )
-        try:
-            check_target(
-                self.slots[target],
-                booted,
-                self.slots[booted].path,
-                release.size,
-                self.config.slots.mountinfo,
-            )
-        except SlotError as exc:
-            return self._verdict("blocked", exc.code, str(exc), ref)
-        return None
 
     # ------------------------------------------------------------------ install
 
     def _on_progress(self, progress: Progress) -> None:
-        self.progress = LiveProgress(
-            self.phase,
-            progress.bytes_done,
-            progress.bytes_total,
-            progress.rate,
-            progress.downloaded,
-            progress.reused,
-        )
+        self.progress = progress
         self._emit(
             "progress",
             bytes_done=progress.bytes_done,
@@ -594,17 +440,16 @@ class Engine:
             chunks_done=start,
             started=utcnow(),
         )
-        if self.boot is not None:
-            # GRUB must never fall back into a slot that is being written (invariant 3).
-            await asyncio.to_thread(self.boot.invalidate, target)
+        # GRUB must never fall back into a slot that is being written (invariant 3).
+        await asyncio.to_thread(self.boot.invalidate, target)
         self.state.progress = checkpoint
         self.state.record("install-started", slot=target, release=ref, detail=f"chunk {start}")
-        await self.persist()
+        await self.keeper.persist()
 
         async def on_checkpoint(chunks_done: int, new_etag: str | None) -> None:
             checkpoint.chunks_done = chunks_done
             checkpoint.etag = new_etag
-            await self.persist()
+            await self.keeper.persist()
 
         self._set_phase(Phase.DOWNLOADING)
         installer = await self._delta_installer(
@@ -621,13 +466,13 @@ class Engine:
                 # Start over from chunk 0 now instead of failing every later check.
                 log.warning("resume_refused", detail=str(exc), resumed_from=start)
                 start, checkpoint.chunks_done, checkpoint.etag = 0, 0, None
-                await self.persist()
+                await self.keeper.persist()
                 installer = self._installer(release, target, source, on_checkpoint)
                 result = await installer.run(0, None)
         except SourceChanged:
             # Never resume against an object that changed: the next check starts over.
             self.state.progress = None
-            await self.persist()
+            await self.keeper.persist()
             raise
         except (SourceError, OSError):
             # Progress stays: the next check resumes from the last checkpoint.
@@ -635,7 +480,7 @@ class Engine:
         except OrganixmError:
             # A bad image: the written data is worthless; start over next time.
             self.state.progress = None
-            await self.persist()
+            await self.keeper.persist()
             raise
         self.state.progress = None
         self.state.slots[target] = SlotRecord(release=ref, status="verified", at=utcnow())
@@ -660,7 +505,7 @@ class Engine:
             reused=result.reused,
             requests=result.requests,
             resumed_from=result.resumed_from,
-            readback=self.config.install.readback,
+            readback=self.install_config.readback,
         )
         return await self._stage(release, ref, target, log, delta_note)
 
@@ -676,7 +521,7 @@ class Engine:
     ) -> DeltaInstaller | None:
         """A delta install when the release has an index and this host holds enough of
         the image in its slots (docs/format.md, "Delta updates"); else ``None``."""
-        if not self.config.install.delta or not self.config.install.readback:
+        if not self.install_config.delta or not self.install_config.readback:
             return None
         if release.image is None:
             return None
@@ -722,7 +567,7 @@ class Engine:
             on_verify=lambda: self._set_phase(Phase.VERIFYING),
             on_progress=self._on_progress,
             on_checkpoint=on_checkpoint,
-            checkpoint_interval=self.config.install.checkpoint_interval,
+            checkpoint_interval=self.install_config.checkpoint_interval,
         )
 
     def _installer(
@@ -738,12 +583,12 @@ class Engine:
             release,
             source,
             self.slots[target].path,
-            buffers=self.config.install.buffers,
-            readback=self.config.install.readback,
+            buffers=self.install_config.buffers,
+            readback=self.install_config.readback,
             on_stream_end=lambda: self._set_phase(Phase.VERIFYING),
             on_progress=self._on_progress,
             on_checkpoint=on_checkpoint if release.resumable else None,
-            checkpoint_interval=self.config.install.checkpoint_interval,
+            checkpoint_interval=self.install_config.checkpoint_interval,
         )
 
     async def _stage(
@@ -752,36 +597,30 @@ class Engine:
         """Point GRUB at the verified ``target`` on trial (one env write).
 
         Only a slot read back from the device is flipped (invariant 2): with
-        ``install.readback = false`` (benchmarks, tests) the slot stays unflipped.
+        ``install.readback = false`` (benchmarks) the slot stays unflipped.
         """
-        if self.boot is None or not self.config.install.readback:
-            why = (
-                "boot control is not configured"
-                if self.boot is None
-                else "install.readback = false, and only a slot read back from the device is "
-                "ever booted"
-            )
-            await self.persist()
+        if not self.install_config.readback:
+            await self.keeper.persist()
             return await self._conclude(
                 self._verdict(
-                    "staged",
-                    "verified",
-                    f"{release.describe()} is written and verified in slot {target}; {why}, "
-                    "so GRUB was not changed",
+                    Outcome.STAGED,
+                    VerdictCode.VERIFIED,
+                    f"{release.describe()} is written and verified in slot {target}; "
+                    "install.readback = false, and only a slot read back from the device is "
+                    "ever booted, so GRUB was not changed",
                     ref,
                 )
             )
-        await asyncio.to_thread(self.boot.stage, target, self.config.boot.trial_boots)
+        await asyncio.to_thread(self.boot.stage, target, self.trial_boots)
         self.state.slots[target] = SlotRecord(release=ref, status="staged", at=utcnow())
         self.state.record("flipped", slot=target, release=ref)
-        log.info("flipped", tries=self.config.boot.trial_boots)
+        log.info("flipped", tries=self.trial_boots)
         return await self._conclude(
             self._verdict(
-                "staged",
-                "staged",
+                Outcome.STAGED,
+                VerdictCode.STAGED,
                 f"{release.describe()} is verified in slot {target} and boots on trial "
-                f"({self.config.boot.trial_boots} tries) at the next reboot"
-                + (f"; {note}" if note else ""),
+                f"({self.trial_boots} tries) at the next reboot" + (f"; {note}" if note else ""),
                 ref,
             )
         )
@@ -802,27 +641,6 @@ class Engine:
         ):
             return 0, None
         return min(progress.chunks_done, len(release.image.chunks)), progress.etag
-
-    # ------------------------------------------------------------------ after boot
-
-    async def record_failed(
-        self, slot: SlotName, reason: str, *, event: str | None = "fell-back", persist: bool = True
-    ) -> FailedRelease | None:
-        """Remember the release in ``slot`` as failed so it is never installed again.
-
-        With ``persist=False`` the caller writes the state file itself.
-        """
-        record = self.state.slots.get(slot)
-        if record is None:
-            return None
-        failed = FailedRelease(release=record.release, reason=reason, at=utcnow())
-        if self.state.has_failed(record.release) is None:
-            self.state.failed.append(failed)
-        if event is not None:
-            self.state.record(event, slot=slot, release=record.release, detail=reason)
-        if persist:
-            await self.persist()
-        return failed
 
 
 def delta_summary(result: InstallResult, size: int) -> str:

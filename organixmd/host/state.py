@@ -9,7 +9,7 @@ overwritten, and the daemon starts from what the slots and GRUB say.
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import json
 import os
 from datetime import UTC, datetime
@@ -18,8 +18,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from organixmd.apidef import Outcome
 from organixmd.base.errors import StateError
 from organixmd.base.fsutil import write_atomic
+from organixmd.base.logsetup import get_logger
 from organixmd.base.slotname import SlotName
 
 STATE_SCHEMA = "organixm.state/1"
@@ -53,7 +55,7 @@ class SlotRecord(_Model):
     at: datetime
 
 
-class Progress(_Model):
+class Checkpoint(_Model):
     """A resumable install: chunks below ``chunks_done`` are on the device and verified."""
 
     slot: SlotName
@@ -74,9 +76,9 @@ class FailedRelease(_Model):
 class Verdict(_Model):
     """How one check ended: the answer to "why did (or didn't) this host update?"."""
 
-    #: ``up-to-date``, ``available``, ``installing``, ``staged`` or ``blocked``.
-    outcome: Literal["up-to-date", "available", "installing", "staged", "blocked", "error"]
-    #: Stable machine code, e.g. ``downgrade-refused``, ``signature-invalid``.
+    outcome: Outcome
+    #: Stable machine code, one of :class:`organixmd.apidef.VerdictCode` (e.g.
+    #: ``downgrade-refused``, ``signature-invalid``).
     code: str
     message: str
     release: ReleaseRef | None = None
@@ -94,7 +96,7 @@ class HistoryEntry(_Model):
 class State(_Model):
     schema_: Literal["organixm.state/1"] = Field(default="organixm.state/1", alias="schema")
     slots: dict[SlotName, SlotRecord] = Field(default_factory=dict)
-    progress: Progress | None = None
+    progress: Checkpoint | None = None
     failed: list[FailedRelease] = Field(default_factory=list)
     meta_etag: str | None = None
     last_check: datetime | None = None
@@ -117,7 +119,7 @@ class State(_Model):
 
 
 class StateStore:
-    """Loads and atomically saves :class:`State`. ``save`` blocks: call it in a thread."""
+    """Loads and atomically writes :class:`State`. ``write`` blocks: call it in a thread."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -135,11 +137,17 @@ class StateStore:
             return State.model_validate(json.loads(raw)), None
         except (ValueError, ValidationError) as exc:
             aside = self.path.with_name(f"state.json.unreadable-{int(utcnow().timestamp())}")
-            with contextlib.suppress(OSError):
+            try:
                 os.replace(self.path, aside)
+                kept = f"moved to {aside}"
+            except OSError as move_exc:
+                kept = (
+                    f"could not be moved to {aside} ({move_exc.strerror}) and is replaced at "
+                    "the next write"
+                )
             return State(), (
-                f"state file {self.path} was unreadable ({type(exc).__name__}); moved to {aside} "
-                "and started fresh from what the slots and GRUB say"
+                f"state file {self.path} was unreadable ({type(exc).__name__}); {kept}; "
+                "started fresh from what the slots and GRUB say"
             )
 
     @staticmethod
@@ -153,3 +161,56 @@ class StateStore:
             write_atomic(self.path, data, 0o600)
         except OSError as exc:
             raise StateError(f"cannot write state file {self.path}: {exc.strerror}") from exc
+
+
+class StateKeeper:
+    """The one holder of this host's :class:`State`, shared by the engine and boot
+    assessment: they change ``state`` in memory and ask the keeper to write it.
+
+    Writes are serialised (one at a time, each a whole encoded copy) and run in a
+    worker thread.
+    """
+
+    def __init__(self, store: StateStore, state: State) -> None:
+        self.store = store
+        self.state = state
+        self._lock = asyncio.Lock()
+        self._log = get_logger("organixmd.state")
+
+    async def persist(self) -> None:
+        """Write the state file. Raises StateError."""
+        async with self._lock:
+            data = self.store.encode(self.state)
+            await asyncio.to_thread(self.store.write, data)
+
+    async def try_persist(self) -> StateError | None:
+        """Write the state file; a failure (say a full file system) is logged and returned.
+
+        The state stays in memory and the next write carries it; the old file stays
+        intact (the write is atomic). For callers that must go on without it.
+        """
+        try:
+            await self.persist()
+        except StateError as exc:
+            self._log.error("state_unwritable", code=exc.code, error=str(exc))
+            return exc
+        return None
+
+    async def record_failed(
+        self, slot: SlotName, reason: str, *, event: str | None = "fell-back", persist: bool = True
+    ) -> FailedRelease | None:
+        """Remember the release in ``slot`` as failed so it is never installed again.
+
+        With ``persist=False`` the caller writes the state file itself.
+        """
+        record = self.state.slots.get(slot)
+        if record is None:
+            return None
+        failed = FailedRelease(release=record.release, reason=reason, at=utcnow())
+        if self.state.has_failed(record.release) is None:
+            self.state.failed.append(failed)
+        if event is not None:
+            self.state.record(event, slot=slot, release=record.release, detail=reason)
+        if persist:
+            await self.persist()
+        return failed

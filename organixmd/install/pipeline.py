@@ -96,8 +96,17 @@ class Progress:
 
     @property
     def rate(self) -> float:
+        """Image bytes per second since the install (or its resume) started."""
         elapsed = time.monotonic() - self.started
         return self.bytes_done / elapsed if elapsed > 0 else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds until the last byte at the current rate; ``None`` when unknown."""
+        rate = self.rate
+        if rate <= 0 or self.bytes_done >= self.bytes_total:
+            return None
+        return (self.bytes_total - self.bytes_done) / rate
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,7 +39,7 @@ import xxhash
 import zstandard
 
 from organixmd.base.errors import ImageError
-from organixmd.base.objectnames import delta_index_name, frames_object_name
+from organixmd.base.objectnames import delta_index_name, delta_signature_name
 from organixmd.release.meta import ImageV1, Release
 
 if TYPE_CHECKING:
@@ -85,11 +85,6 @@ def block_key(data: bytes | memoryview) -> int:
 
 
 ZERO_KEY = block_key(bytes(BLOCK_SIZE))
-
-
-#: Where the index and the frames are (one place for every release object's name).
-index_name = delta_index_name
-frames_name = frames_object_name
 
 
 # ------------------------------------------------------------------------- the index
@@ -258,13 +253,13 @@ async def fetch_index(
     image = release.image
     if image is None:
         return None, 0, "the seed format has no chunk table"
-    name = index_name(release.image_object)
+    name = delta_index_name(release.image_object)
     compressed_limit = max_index_bytes(image) + 1024 * 1024
     data = await source.fetch_object(name, compressed_limit)
     if data is None:
         return None, 0, f"no delta index at {source.object_url(name)}"
     if keys:
-        signature = await source.fetch_object(name + ".minisig", 64 * 1024)
+        signature = await source.fetch_object(delta_signature_name(release.image_object), 64 * 1024)
         if signature is None:
             return None, len(data), f"the delta index {source.object_url(name)} is not signed"
         minisign.verify(data, signature, list(keys))

@@ -1,17 +1,19 @@
 """Fetch a release descriptor and check it before anything trusts it (invariant 5).
 
-Used by ``organixctl verify`` and ``organixctl provision``; the daemon's engine
-runs the same checks with conditional requests on top.
+The one path from a source to a release (:func:`fetch_release`), taken by the
+daemon's engine (with conditional requests), ``organixctl verify`` and
+``organixctl provision``; and the loading of trusted keys.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from organixmd.base.config import Config, SourceConfig
-from organixmd.base.errors import ConfigError, OrganixmError, SignatureError
+from organixmd.base.errors import ConfigError, OrganixmError, SignatureError, SourceError
 from organixmd.base.objectnames import META_SUFFIX
 from organixmd.release.meta import Release, parse_meta
 from organixmd.release.sources import Source
@@ -49,54 +51,78 @@ def source_config(
 
 def load_public_keys(config: Config) -> list[minisign.PublicKey]:
     """The trusted keys of the configuration; a bad key stops start-up (ConfigError)."""
-    keys: list[minisign.PublicKey] = []
     if not (config.source.public_keys or config.source.public_key_files):
-        return keys
-    from organixmd.release import minisign
-
+        return []
+    keys = []
     for index, text in enumerate(config.source.public_keys):
-        try:
-            keys.append(minisign.PublicKey.parse(text))
-        except OrganixmError as exc:
-            raise ConfigError(f"source.public_keys.{index}: {exc.message}") from exc
+        keys.append(_key(text, None, f"source.public_keys.{index}"))
     for path in config.source.public_key_files:
-        try:
-            keys.append(minisign.PublicKey.load(path))
-        except OrganixmError as exc:
-            raise ConfigError(f"source.public_key_files: {path}: {exc.message}") from exc
-        except OSError as exc:
-            raise ConfigError(f"source.public_key_files: cannot read {path}: {exc}") from exc
+        keys.append(_key(None, path, f"source.public_key_files: {path}"))
     return keys
 
 
 def load_keys(texts: Sequence[str]) -> list[minisign.PublicKey]:
     """Keys given on an operator's command line as ``.pub`` file paths or bare base64 lines."""
-    from organixmd.release import minisign
-
     keys = []
     for text in texts:
         path = Path(text)
-        keys.append(
-            minisign.PublicKey.load(path) if path.is_file() else minisign.PublicKey.parse(text)
-        )
+        keys.append(_key(None, path, str(path)) if path.is_file() else _key(text, None, "key"))
     return keys
 
 
+def _key(text: str | None, path: Path | None, where: str) -> minisign.PublicKey:
+    """One key from its text or its file; a bad or unreadable one is a ConfigError naming
+    ``where`` it was given."""
+    from organixmd.release import minisign
+
+    try:
+        if path is not None:
+            return minisign.PublicKey.load(path)
+        assert text is not None  # noqa: S101 - one of the two is given
+        return minisign.PublicKey.parse(text)
+    except OrganixmError as exc:
+        raise ConfigError(f"{where}: {exc.message}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read the key: {exc.strerror or exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class TrustedRelease:
+    """A release whose meta passed the signature check (when keys are given) and the
+    strict schema."""
+
+    release: Release
+    #: The meta object's ETag, for the next conditional request.
+    etag: str | None
+    #: The signature that verified it; ``None`` without trusted keys.
+    verified: minisign.Verified | None
+
+
 async def fetch_release(
-    source: Source, keys: Sequence[minisign.PublicKey]
-) -> tuple[Release, minisign.Verified | None]:
-    """The release at ``source``: signature checked when ``keys`` are given, schema always."""
-    fetched = await source.fetch_meta(None)
+    source: Source, keys: Sequence[minisign.PublicKey], *, if_none_match: str | None = None
+) -> TrustedRelease | None:
+    """The release at ``source``: the signature checked over the exact meta bytes when
+    ``keys`` are given, then the schema; the one path from a source to a release that
+    the daemon, ``organixctl verify`` and ``organixctl provision`` all take.
+
+    With ``if_none_match`` (an ETag) the meta is asked for conditionally, and ``None``
+    means it did not change. Raises SignatureError, MetaError, SourceError.
+    """
+    fetched = await source.fetch_meta(if_none_match)
     if fetched is None:
-        raise SignatureError(f"{source.meta_url}: the source answered 'not modified' unasked")
+        if if_none_match is None:
+            raise SourceError(f"{source.meta_url}: the source answered 'not modified' unasked")
+        return None
     verified = None
     if keys:
         signature = await source.fetch_signature()
         if signature is None:
             raise SignatureError(
-                f"{source.signature_url}: no signature, and trusted keys were given"
+                f"{source.signature_url}: no signature, and trusted keys are configured; "
+                "refusing the unsigned meta"
             )
         from organixmd.release import minisign
 
         verified = minisign.verify(fetched.data, signature.data, list(keys))
-    return parse_meta(fetched.data, source=source.meta_url), verified
+    release = parse_meta(fetched.data, source=source.meta_url)
+    return TrustedRelease(release, fetched.etag, verified)

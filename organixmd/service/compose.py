@@ -12,15 +12,16 @@ import asyncio
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from organixmd.base.config import Config
 from organixmd.base.errors import OrganixmError
 from organixmd.base.fsutil import remove_temporaries
 from organixmd.base.logsetup import get_logger
 from organixmd.host import hostlock
-from organixmd.host.engine import Engine, EventSink
-from organixmd.host.state import StateStore
+from organixmd.host.engine import Engine, EventSink, read_host_id
+from organixmd.host.state import StateKeeper, StateStore
+from organixmd.release.sources import open_source
 from organixmd.release.trust import load_public_keys
 
 if TYPE_CHECKING:
@@ -56,13 +57,21 @@ class HostParts:
 
     engine: Engine
     port: GrubBootPort
+    keeper: StateKeeper
+    #: The host's writer lock, held while these parts live.
+    lock: hostlock.HostLock
 
 
-async def build_host(config: Config, on_event: EventSink | None = None) -> HostParts:
+def unobserved(kind: str, fields: dict[str, Any]) -> None:
+    """The event sink of ``organixmd --once``: one check, no subscribers (the verdict is
+    printed and logged)."""
+
+
+async def build_host(config: Config, on_event: EventSink) -> HostParts:
     """Load keys and state, take the host lock, build the boot port and the engine.
 
-    The root of ``organixmd --once`` and of the daemon (:func:`run_daemon`) alike.
-    Raises ConfigError/StateError.
+    The root of ``organixmd --once`` and of the daemon (:func:`run_daemon`) alike;
+    each part gets the configuration sections it uses. Raises ConfigError/StateError.
     """
     from organixmd.boot.port import GrubBootPort
     from organixmd.install.slots import booted_slot
@@ -77,24 +86,22 @@ async def build_host(config: Config, on_event: EventSink | None = None) -> HostP
     state, note = await asyncio.to_thread(store.load)
     if note is not None:
         get_logger("organixmd").warning("state_reset", detail=note)
+    keeper = StateKeeper(store, state)
     port = GrubBootPort(
         config.boot.grubenv, config.boot.grubenv_copy, booted_slot(config.slots.cmdline)
     )
     engine = Engine(
-        config,
-        store,
-        state,
+        slots=config.slots,
+        install=config.install,
+        trial_boots=config.boot.trial_boots,
+        host_id=read_host_id(config.daemon.host_id_file),
+        keeper=keeper,
         boot=port,
         public_keys=keys,
+        source_factory=lambda: open_source(config.source),
         on_event=on_event,
     )
-    engine.lock = lock
-    return HostParts(engine, port)
-
-
-async def build_engine(config: Config, on_event: EventSink | None = None) -> Engine:
-    """The engine of :func:`build_host`, for callers that drive one check themselves."""
-    return (await build_host(config, on_event)).engine
+    return HostParts(engine, port, keeper, lock)
 
 
 async def run_daemon(config: Config) -> int:
@@ -111,7 +118,7 @@ async def run_daemon(config: Config) -> int:
         host = await build_host(config, on_event=hub.publish)
     except OrganixmError as exc:
         return startup_failed(log, exc)
-    manager = BootManager(config.boot, host.engine, host.port)
+    manager = BootManager(config.boot, host.keeper, host.port)
     reboot = Reboot(config.boot)
     daemon = Daemon(config.daemon, host.engine, manager, reboot, hub, notifier)
     hub.listen(daemon.on_event)

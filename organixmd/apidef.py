@@ -200,16 +200,21 @@ class SlotDoc(TypedDict):
     release: ReleaseDoc | None
 
 
-class ProgressDoc(TypedDict):
-    """The running install: bytes written and verified, rate in bytes/s, ETA in s."""
+class ProgressCounts(TypedDict):
+    """How far the running install is: image bytes written and verified, rate in
+    bytes/s, compressed bytes fetched, image bytes copied from this host's own slots."""
 
     bytes_done: int
     bytes_total: int
     rate: int
-    eta: float | None
-    #: Compressed bytes fetched, and image bytes copied from this host's own slots.
     downloaded: int
     reused: int
+
+
+class ProgressDoc(ProgressCounts):
+    """The running install in the status, with its ETA in seconds."""
+
+    eta: float | None
 
 
 class ErrorDoc(TypedDict):
@@ -286,14 +291,9 @@ class PhaseEvent(TypedDict):
     phase: str
 
 
-class ProgressEvent(TypedDict):
+class ProgressEvent(ProgressCounts):
     event: Literal["progress"]
     at: str
-    bytes_done: int
-    bytes_total: int
-    rate: int
-    downloaded: int
-    reused: int
 
 
 class VerdictEvent(VerdictDoc):

@@ -1,16 +1,20 @@
 """A small HTTP/JSON client for the daemon's control socket (standard library only).
 
 ``organixctl status`` must start and answer in well under 80 ms, so this module
-and every daemon command import nothing beyond a few standard modules: no
-aiohttp, no pydantic, no ``organixmd``, and not even :mod:`http.client` (with
-:mod:`email` and :mod:`ssl` it costs a Python start-up about 25 ms, measured).
+and every daemon command import nothing beyond a few standard modules and
+:mod:`organixmd.apidef` (the API's documents; the standard library only): no
+aiohttp, no pydantic, no other ``organixmd`` module, and not even
+:mod:`http.client` (with :mod:`email` and :mod:`ssl` it costs a Python start-up
+about 25 ms, measured).
 The API needs a tiny subset of HTTP, spoken here over the Unix socket: one
 HTTP/1.0 request per connection, so the daemon answers with ``Content-Length``
 or, for the event stream, with a body that ends when the connection closes
 (never chunked).
 
-Errors become :class:`ClientError` carrying the organixctl exit code; an RFC 9457
-problem from the daemon is printed as ``organixctl: <detail> (<hint>) [code]``.
+Answers are read as the documents of :mod:`organixmd.apidef` (:meth:`Answer.document`,
+the one place the decoded JSON is given its type; the daemon builds it from the same
+definition). Errors become :class:`ClientError` carrying the organixctl exit code; an
+RFC 9457 problem from the daemon is printed as ``organixctl: <detail> (<hint>) [code]``.
 """
 
 from __future__ import annotations
@@ -22,9 +26,20 @@ import socket
 import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar, cast
 
 from organixctl.exitcodes import Exit
+from organixmd.apidef import (
+    Event,
+    Outcome,
+    ProblemDoc,
+    ProgressCounts,
+    ReleaseDoc,
+    Route,
+)
+
+#: An ``organixmd.apidef`` document (a ``TypedDict``).
+D = TypeVar("D")
 
 DEFAULT_SOCKET = "/run/organixm/control.sock"
 SOCKET_ENV = "ORGANIXM_SOCKET"
@@ -76,6 +91,10 @@ class Answer:
             return json.loads(self.body)
         except ValueError as exc:
             raise ClientError(f"the daemon answered with invalid JSON: {exc}") from exc
+
+    def document(self, kind: type[D]) -> D:
+        """The body as the API document ``kind`` (say ``StatusDoc``), trusted unchecked."""
+        return cast(D, self.json())
 
 
 class _Response:
@@ -207,9 +226,9 @@ class Client:
     def post(self, target: str, body: dict[str, Any] | None = None) -> Answer:
         return self.request("POST", target, body if body is not None else {})
 
-    def events(self) -> Iterator[tuple[bytes, dict[str, Any]]]:
+    def events(self) -> Iterator[tuple[bytes, Event]]:
         """Follow ``GET /v1/events``: (raw line, parsed event) until the daemon closes it."""
-        sock, response = self._exchange("GET", "/v1/events", None, self.timeout)
+        sock, response = self._exchange("GET", Route.EVENTS, None, self.timeout)
         try:
             if response.status >= 400:
                 raise _problem(Answer(response.status, "", response.read_body()))
@@ -228,7 +247,7 @@ class Client:
                 if not line:
                     continue
                 try:
-                    event = json.loads(line)
+                    event = cast(Event, json.loads(line))
                 except ValueError as exc:
                     raise ClientError(f"the daemon sent an invalid event line: {exc}") from exc
                 yield line, event
@@ -242,11 +261,14 @@ def _problem(answer: Answer) -> ClientError:
     except ValueError:
         data = None
     if isinstance(data, dict) and "code" in data:
+        # Any JSON object with a code is shown as a problem (so a proxy's or an older
+        # daemon's answer still is): its fields are read with defaults.
+        problem = cast(ProblemDoc, data)
         return Problem(
             answer.status,
-            str(data.get("code")),
-            str(data.get("detail", "")),
-            str(data.get("hint", "") or ""),
+            str(problem["code"]),
+            str(problem.get("detail", "")),
+            str(problem.get("hint", "") or ""),
         )
     text = answer.body.decode(errors="replace").strip()[:200]
     return ClientError(f"the daemon answered HTTP {answer.status}: {text}")
@@ -308,18 +330,20 @@ def add_action_arguments(parser: argparse.ArgumentParser, done: str) -> None:
 
 def run_action(
     args: argparse.Namespace,
-    target: str,
-    describe: Callable[[dict[str, Any]], str],
+    target: Route,
+    kind: type[D],
+    describe: Callable[[D], str],
     body: dict[str, Any] | None = None,
 ) -> int:
-    """POST ``body`` to ``target``; print the raw answer (--json) or ``describe(answer)``."""
+    """POST ``body`` to ``target``; print the raw answer (--json) or ``describe(answer)``,
+    the answer read as the document ``kind``."""
 
     def call(client: Client) -> int:
         answer = client.post(target, body)
         if args.json:
             print_raw(answer)
         else:
-            print(describe(answer.json()))
+            print(describe(answer.document(kind)))
         return Exit.OK
 
     return run_with_client(args, call)
@@ -333,11 +357,17 @@ def print_raw(answer: Answer) -> None:
     sys.stdout.flush()
 
 
-def verdict_exit(outcome: str | None) -> int:
+#: Outcomes that leave an update to boot (exit 1), and those of a check that failed (2).
+_UPDATE_OUTCOMES = frozenset({Outcome.AVAILABLE, Outcome.INSTALLING, Outcome.STAGED})
+_FAILED_OUTCOMES = frozenset({Outcome.BLOCKED, Outcome.ERROR})
+
+
+def verdict_exit(outcome: Outcome | None) -> int:
     """The exit code for a verdict: 0 up to date, 1 available or staged, 2 blocked or error."""
-    if outcome in ("available", "installing", "staged"):
+    # A decoded outcome is a plain string; it equals (and hashes as) its member.
+    if outcome in _UPDATE_OUTCOMES:
         return Exit.UPDATE_AVAILABLE
-    if outcome in ("blocked", "error"):
+    if outcome in _FAILED_OUTCOMES:
         return Exit.ERROR
     return Exit.OK
 
@@ -364,8 +394,8 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
 
 
-def parse_time(value: Any) -> datetime | None:
-    if not isinstance(value, str):
+def parse_time(value: str | None) -> datetime | None:
+    if value is None:
         return None
     try:
         moment = datetime.fromisoformat(value)
@@ -374,7 +404,7 @@ def parse_time(value: Any) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def format_time(value: Any, now: datetime | None = None) -> str:
+def format_time(value: str | None, now: datetime | None = None) -> str:
     """``2026-01-01 10:00:00 UTC (5m00s ago)``; ``never`` for no time."""
     moment = parse_time(value)
     if moment is None:
@@ -385,26 +415,27 @@ def format_time(value: Any, now: datetime | None = None) -> str:
     return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC ({relative})"
 
 
-def describe_release(release: Any) -> str:
-    if not isinstance(release, dict):
+def describe_release(release: ReleaseDoc | None) -> str:
+    if release is None:
         return "-"
-    return f"{release.get('version', '?')} (serial {release.get('serial', '?')})"
+    return f"{release['version']} (serial {release['serial']})"
 
 
-def describe_progress(progress: dict[str, Any], phase: str = "") -> str:
-    done = int(progress.get("bytes_done") or 0)
-    total = int(progress.get("bytes_total") or 0)
-    rate = float(progress.get("rate") or 0)
+def describe_progress(progress: ProgressCounts, phase: str = "", eta: float | None = None) -> str:
+    """``<done> of <total> (<%>) at <rate>/s, ETA <eta>``; the ETA (the status has it,
+    progress events do not) is estimated from the rate when not given."""
+    done = progress["bytes_done"]
+    total = progress["bytes_total"]
+    rate = float(progress["rate"])
     percent = f" ({100 * done / total:.0f}%)" if total else ""
     text = f"{format_bytes(done)} of {format_bytes(total)}{percent} at {format_bytes(rate)}/s"
-    eta = progress.get("eta")
     if eta is None and rate > 0 and total > done:
         eta = (total - done) / rate
     if eta is not None:
         text += f", ETA {format_duration(float(eta))}"
-    reused = int(progress.get("reused") or 0)
+    reused = progress["reused"]
     if reused:
-        downloaded = int(progress.get("downloaded") or 0)
+        downloaded = progress["downloaded"]
         text += (
             f"; delta: {format_bytes(reused)} reused locally, {format_bytes(downloaded)} downloaded"
         )

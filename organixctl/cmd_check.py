@@ -18,6 +18,7 @@ from organixctl.client import (
     verdict_exit,
 )
 from organixctl.cmd_update import print_verdict
+from organixmd.apidef import CheckAnswer, Route
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,12 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     def body(client: Client) -> int:
-        answer = client.post("/v1/check", {"force": args.force})
-        verdict = answer.json().get("verdict") or {}
+        answer = client.post(Route.CHECK, {"force": args.force})
+        verdict = answer.document(CheckAnswer)["verdict"]
         if args.json:
             print_raw(answer)
         else:
             print_verdict(verdict)
-        return verdict_exit(verdict.get("outcome"))
+        return verdict_exit(verdict["outcome"])
 
     return run_with_client(args, body)

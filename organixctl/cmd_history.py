@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from organixctl.client import (
     Client,
@@ -16,6 +15,7 @@ from organixctl.client import (
     run_with_client,
 )
 from organixctl.exitcodes import Exit
+from organixmd.apidef import HistoryDoc, Route
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,43 +37,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _when(value: Any) -> str:
+def _when(value: str) -> str:
     moment = parse_time(value)
     return f"{moment:%Y-%m-%d %H:%M:%S}Z" if moment else "?"
 
 
-def render(data: dict[str, Any], last: int = 0) -> str:
-    entries = list(data.get("history") or [])
+def render(data: HistoryDoc, last: int = 0) -> str:
+    entries = data["history"]
     if last > 0:
         entries = entries[-last:]
     lines = []
     for entry in entries:
-        slot = f"slot {entry['slot']}" if entry.get("slot") else ""
-        release = describe_release(entry["release"]) if entry.get("release") else ""
-        detail = entry.get("detail") or ""
-        parts = [p for p in (slot, release, detail) if p]
-        lines.append(f"{_when(entry.get('at'))}  {entry.get('event', '?'):<16} {'  '.join(parts)}")
+        slot = f"slot {entry['slot']}" if entry["slot"] else ""
+        release = describe_release(entry["release"]) if entry["release"] else ""
+        parts = [p for p in (slot, release, entry["detail"]) if p]
+        lines.append(f"{_when(entry['at'])}  {entry['event']:<16} {'  '.join(parts)}")
     if not lines:
         lines.append("no history yet")
-    failed = data.get("failed") or []
+    failed = data["failed"]
     if failed:
         lines.append("")
         lines.append("Releases that failed (not installed again unless forced or superseded):")
-        for entry in failed:
+        for failure in failed:
             lines.append(
-                f"{_when(entry.get('at'))}  {describe_release(entry.get('release'))}: "
-                f"{entry.get('reason', '')}"
+                f"{_when(failure['at'])}  {describe_release(failure['release'])}: "
+                f"{failure['reason']}"
             )
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     def body(client: Client) -> int:
-        answer = client.get("/v1/history")
+        answer = client.get(Route.HISTORY)
         if args.json:
             print_raw(answer)
         else:
-            print(render(answer.json(), args.last))
+            print(render(answer.document(HistoryDoc), args.last))
         return Exit.OK
 
     return run_with_client(args, body, timeout=10.0)

@@ -11,9 +11,9 @@ the daemon reboots into the other slot if its reboot policy allows.
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from organixctl.client import add_action_arguments, run_action
+from organixmd.apidef import MarkBadAnswer, Route
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,13 +31,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_action_arguments(parser, "the booted slot is marked bad")
 
 
-def _describe(data: dict[str, Any]) -> str:
-    then = "rebooting now" if data.get("rebooting") else "reboot to leave it"
-    return (
-        f"slot {data.get('marked_bad')} is marked bad; next boot: slot "
-        f"{data.get('next_slot')} ({then})"
-    )
+def _describe(data: MarkBadAnswer) -> str:
+    then = "rebooting now" if data["rebooting"] else "reboot to leave it"
+    return f"slot {data['marked_bad']} is marked bad; next boot: slot {data['next_slot']} ({then})"
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_action(args, "/v1/mark-bad", _describe, {"reason": args.reason, "force": args.force})
+    return run_action(
+        args,
+        Route.MARK_BAD,
+        MarkBadAnswer,
+        _describe,
+        {"reason": args.reason, "force": args.force},
+    )

@@ -8,18 +8,18 @@ published. Refused (exit 2) when the other slot is not a committed, good slot.
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from organixctl.client import add_action_arguments, run_action
+from organixmd.apidef import RollbackAnswer, Route
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_action_arguments(parser, "the other slot boots next")
 
 
-def _describe(data: dict[str, Any]) -> str:
-    return f"next boot: slot {data.get('next_slot')} (reboot to roll back)"
+def _describe(data: RollbackAnswer) -> str:
+    return f"next boot: slot {data['next_slot']} (reboot to roll back)"
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_action(args, "/v1/rollback", _describe)
+    return run_action(args, Route.ROLLBACK, RollbackAnswer, _describe)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 from datetime import UTC, datetime
-from typing import Any
 
 from organixctl.client import (
     Client,
@@ -23,6 +22,7 @@ from organixctl.client import (
     run_with_client,
     verdict_exit,
 )
+from organixmd.apidef import SLOT_NAMES, Route, Slot, SlotDoc, StatusDoc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,93 +40,95 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     def body(client: Client) -> int:
-        answer = client.get("/v1/status")
-        status = answer.json()
+        answer = client.get(Route.STATUS)
+        status = answer.document(StatusDoc)
         if args.json:
             print_raw(answer)
         else:
             print(render(status))
-        return verdict_exit((status.get("verdict") or {}).get("outcome"))
+        verdict = status["verdict"]
+        return verdict_exit(verdict["outcome"] if verdict else None)
 
     return run_with_client(args, body, timeout=10.0)
 
 
-def _slot_line(name: str, slot: dict[str, Any], booted: str | None, next_slot: str | None) -> str:
-    state = slot.get("state") or "unknown"
+def _slot_line(name: Slot, slot: SlotDoc, booted: Slot | None, next_slot: Slot | None) -> str:
+    state: str = slot["state"] or "unknown"
     if state == "trial":
-        state = f"trial, {slot.get('tries_left', 0)} tries left"
+        state = f"trial, {slot['tries_left'] or 0} tries left"
     marks = []
     if name == booted:
         marks.append("booted")
     if name == next_slot:
         marks.append("boots next")
-    release = slot.get("release")
+    release = slot["release"]
     holds = describe_release(release) if release else "unknown release"
-    if slot.get("status") and slot.get("status") != "installed":
+    if slot["status"] and slot["status"] != "installed":
         holds += f", {slot['status']}"
     mark = f" [{', '.join(marks)}]" if marks else ""
-    return f"  slot {name}{mark}: GRUB {state}; holds {holds}; {slot.get('device', '?')}"
+    return f"  slot {name}{mark}: GRUB {state}; holds {holds}; {slot['device']}"
 
 
-def render(status: dict[str, Any], now: datetime | None = None) -> str:
+def render(status: StatusDoc, now: datetime | None = None) -> str:
     """The human view of ``GET /v1/status``."""
     now = now or datetime.now(UTC)
-    boot = status.get("boot") or {}
-    booted = boot.get("booted")
+    boot = status["boot"]
+    booted = boot["booted"]
     lines = []
-    explanation = boot.get("explanation", "")
-    if boot.get("reason") == "trial" and boot.get("on_trial") is False:
+    explanation = boot["explanation"]
+    if boot["reason"] == "trial" and not boot["on_trial"]:
         # GRUB's record still says "trial" after mark-good; the slot states are newer.
         explanation = (
-            f"slot {booted} booted on trial (try {boot.get('trial_try') or '?'}) and is "
-            "committed since"
+            f"slot {booted} booted on trial (try {boot['trial_try'] or '?'}) and is committed since"
         )
     if booted:
         lines.append(f"Booted:      slot {booted} - {explanation}")
     else:
         lines.append(f"Booted:      unknown - {explanation}")
-    if boot.get("env_copy") == "backup":
+    if boot["env_copy"] == "backup":
         lines.append("             (GRUB environment read from its backup copy)")
-    next_slot = boot.get("next_slot")
+    next_slot = boot["next_slot"]
     lines.append(f"Next boot:   slot {next_slot}" if next_slot else "Next boot:   unknown")
     lines.append("Slots:")
-    for name, slot in sorted((status.get("slots") or {}).items()):
-        lines.append(_slot_line(name, slot, booted, next_slot))
+    slots = status["slots"]
+    for name in SLOT_NAMES:
+        if name in slots:
+            lines.append(_slot_line(name, slots[name], booted, next_slot))
 
-    phase = status.get("phase", "unknown")
-    current = status.get("current")
-    progress = status.get("progress")
+    phase = status["phase"]
+    current = status["current"]
+    progress = status["progress"]
     doing = phase
     if current and phase in ("checking", "downloading", "verifying"):
         doing += f" {describe_release(current)}"
     if progress:
-        doing += f": {describe_progress(progress)}"
+        doing += f": {describe_progress(progress, eta=progress['eta'])}"
     lines.append(f"Phase:       {doing}")
 
-    verdict = status.get("verdict")
-    lines.append(f"Last check:  {format_time(status.get('last_check'), now)}")
+    verdict = status["verdict"]
+    lines.append(f"Last check:  {format_time(status['last_check'], now)}")
     if verdict:
-        lines.append(f"Verdict:     {verdict.get('outcome')} [{verdict.get('code')}]")
-        lines.append(f"             {verdict.get('message', '')}")
+        lines.append(f"Verdict:     {verdict['outcome']} [{verdict['code']}]")
+        lines.append(f"             {verdict['message']}")
     else:
         lines.append("Verdict:     none yet")
-    lines.append(f"Next check:  {format_time(status.get('next_check'), now)}")
-    error = status.get("last_error")
+    lines.append(f"Next check:  {format_time(status['next_check'], now)}")
+    error = status["last_error"]
     if error:
-        hint = f" ({error['hint']})" if error.get("hint") else ""
-        lines.append(f"Last error:  [{error.get('code')}] {error.get('message', '')}{hint}")
+        hint = f" ({error['hint']})" if error["hint"] else ""
+        lines.append(f"Last error:  [{error['code']}] {error['message']}{hint}")
     else:
         lines.append("Last error:  none")
-    pending = status.get("reboot_pending")
+    pending = status["reboot_pending"]
     lines.append(f"Reboot:      pending ({pending})" if pending else "Reboot:      not needed")
-    failed = status.get("failed_releases") or 0
+    failed = status["failed_releases"]
     if failed:
         lines.append(f"Failed:      {failed} release(s) failed a trial boot (organixctl history)")
-    daemon = status.get("daemon") or {}
-    ready = "" if daemon.get("ready") else ", boot-time check still running"
+    daemon = status["daemon"]
+    ready = "" if daemon["ready"] else ", boot-time check still running"
     lines.append(
-        f"Daemon:      organixmd {daemon.get('version', '?')}, pid {daemon.get('pid', '?')}, "
-        f"up since {format_time(daemon.get('started'), now)}{ready}"
+        f"Daemon:      organixmd {daemon['version']}, pid {daemon['pid']}, "
+        f"up since {format_time(daemon['started'], now)}{ready}"
     )
-    lines.append(f"Source:      {status.get('source', '?')}")
+    lines.append(f"Source:      {status['source']}")
     return "\n".join(lines)

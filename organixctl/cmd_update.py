@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, TextIO
+from typing import TextIO
 
 from organixctl.client import (
     Client,
@@ -29,6 +29,7 @@ from organixctl.client import (
     verdict_exit,
 )
 from organixctl.exitcodes import Exit
+from organixmd.apidef import Event, Outcome, ProgressEvent, Route, VerdictDoc
 
 BAR_WIDTH = 30
 
@@ -62,11 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def print_verdict(verdict: dict[str, Any], stream: TextIO | None = None) -> None:
+def print_verdict(verdict: VerdictDoc, stream: TextIO | None = None) -> None:
     out = stream or sys.stdout
-    print(
-        f"{verdict.get('outcome')}: {verdict.get('message', '')} [{verdict.get('code')}]", file=out
-    )
+    print(f"{verdict['outcome']}: {verdict['message']} [{verdict['code']}]", file=out)
 
 
 class ProgressView:
@@ -88,33 +87,32 @@ class ProgressView:
         self._end_bar()
         print(text, file=self.stream, flush=True)
 
-    def show(self, event: dict[str, Any]) -> None:
-        kind = event.get("event")
-        if kind == "status":
-            verdict = event.get("verdict") or {}
-            boot = event.get("boot") or {}
-            self.phase = str(event.get("phase", ""))
+    def show(self, event: Event) -> None:
+        if event["event"] == "status":
+            verdict = event["verdict"]
+            self.phase = event["phase"]
             self._line(
-                f"booted slot {boot.get('booted') or '?'}; phase {self.phase}; last verdict "
-                f"{verdict.get('outcome', 'none')}"
+                f"booted slot {event['boot']['booted'] or '?'}; phase {self.phase}; last verdict "
+                f"{verdict['outcome'] if verdict else 'none'}"
             )
-        elif kind == "phase":
-            self.phase = str(event.get("phase", ""))
+        elif event["event"] == "phase":
+            self.phase = event["phase"]
             self._last_step = -1
             self._line(f"phase: {self.phase}")
-        elif kind == "progress":
+        elif event["event"] == "progress":
             self._progress(event)
-        elif kind == "verdict":
+        elif event["event"] == "verdict":
             self._end_bar()
             print_verdict(event, self.stream)
             self.stream.flush()
         else:
-            self._line(f"{kind}: {event}")
+            # ``stopping``, and any kind a newer daemon adds.
+            self._line(f"{event['event']}: {event}")
 
-    def _progress(self, event: dict[str, Any]) -> None:
-        done = int(event.get("bytes_done") or 0)
-        total = int(event.get("bytes_total") or 0)
-        rate = float(event.get("rate") or 0)
+    def _progress(self, event: ProgressEvent) -> None:
+        done = event["bytes_done"]
+        total = event["bytes_total"]
+        rate = float(event["rate"])
         fraction = done / total if total else 0.0
         if not self.tty:
             # One line per tenth, so logs stay short and still show the rate.
@@ -142,7 +140,7 @@ def follow_update(client: Client, args: argparse.Namespace) -> int:
     events = client.events()
     # The first event is the daemon's status: from here on no event is missed.
     next(events)
-    client.post("/v1/update", {"force": args.force, "reboot": args.reboot})
+    client.post(Route.UPDATE, {"force": args.force, "reboot": args.reboot})
     view = ProgressView(sys.stdout, sys.stdout.isatty())
     try:
         for raw, event in events:
@@ -151,12 +149,12 @@ def follow_update(client: Client, args: argparse.Namespace) -> int:
                 sys.stdout.flush()
             else:
                 view.show(event)
-            if event.get("event") == "verdict":
-                if event.get("outcome") == "staged" and not args.json:
-                    release = describe_release(event.get("release"))
+            if event["event"] == "verdict":
+                if event["outcome"] == Outcome.STAGED and not args.json:
+                    release = describe_release(event["release"])
                     print(f"{release} boots on trial at the next reboot", flush=True)
-                return verdict_exit(event.get("outcome"))
-            if event.get("event") == "phase" and event.get("phase") == "idle":
+                return verdict_exit(event["outcome"])
+            if event["event"] == "phase" and event["phase"] == "idle":
                 # A check ends with its verdict, then its last phase; "idle" with no
                 # verdict before it means the operation was cancelled without one.
                 raise ClientError(
@@ -175,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     def body(client: Client) -> int:
         if args.wait:
             return follow_update(client, args)
-        answer = client.post("/v1/update", {"force": args.force, "reboot": args.reboot})
+        answer = client.post(Route.UPDATE, {"force": args.force, "reboot": args.reboot})
         if args.json:
             print_raw(answer)
         else:

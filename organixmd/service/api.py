@@ -22,7 +22,8 @@ Reads are open to whoever can connect (the socket is mode 0660, group
 daemon. Every refused request is logged as one line (``request_refused``, or
 ``request_malformed`` for bytes that are not HTTP), without a traceback: a
 client's mistake is not the daemon's. Only a bug in the daemon is logged with
-its traceback. The API's JSON shapes are documented in docs/operations.md.
+its traceback. The documents served are defined (as ``TypedDict`` classes) in
+``organixmd.apidef`` and described in docs/operations.md.
 """
 
 from __future__ import annotations
@@ -36,28 +37,49 @@ import os
 import pwd
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
+from pydantic import TypeAdapter
 
 from organixmd import __version__
+from organixmd.apidef import (
+    API_VERSION,
+    CancelAnswer,
+    CheckAnswer,
+    Event,
+    FailedDoc,
+    HistoryDoc,
+    HistoryEntryDoc,
+    MarkBadAnswer,
+    MarkGoodAnswer,
+    Outcome,
+    ProblemDoc,
+    ReleaseDoc,
+    RollbackAnswer,
+    Route,
+    SlotDoc,
+    StatusDoc,
+    StatusEvent,
+    UpdateStarted,
+    VerdictDoc,
+)
 from organixmd.base.errors import BadRequest, Busy, ConfigError, OrganixmError, PermissionDenied
 from organixmd.base.jsondepth import too_deep
 from organixmd.base.logsetup import get_logger
-from organixmd.base.slotname import SLOTS
+from organixmd.base.slotname import SLOTS, SlotName
 
 if TYPE_CHECKING:
     from organixmd.base.config import DaemonConfig
     from organixmd.host.bootmanager import BootManager, Reboot
     from organixmd.host.engine import Engine
-    from organixmd.host.state import Verdict
+    from organixmd.host.state import FailedRelease, HistoryEntry, ReleaseRef, Verdict
 
-API_VERSION = 1
 MAX_BODY = 16 * 1024
 #: Request bodies are flat objects of flags; deeper JSON is refused before decoding.
 MAX_BODY_DEPTH = 8
@@ -72,7 +94,7 @@ class EventHub:
     """Fan-out of daemon events to ``/v1/events`` subscribers (bounded queues)."""
 
     def __init__(self) -> None:
-        self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self._subscribers: set[asyncio.Queue[Event]] = set()
         self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
 
     def listen(self, listener: Callable[[str, dict[str, Any]], None]) -> None:
@@ -80,8 +102,14 @@ class EventHub:
         self._listeners.append(listener)
 
     def publish(self, kind: str, fields: dict[str, Any]) -> None:
-        event = {"event": kind, "at": datetime.now(UTC).isoformat(timespec="milliseconds")}
-        event.update(fields)
+        """Queue ``{"event": kind, "at": now, **fields}`` for every subscriber.
+
+        The engine's ``phase``, ``progress`` and ``verdict`` fields are those of the
+        ``organixmd.apidef`` event documents (tests/test_apidef.py compares them).
+        """
+        data = {"event": kind, "at": datetime.now(UTC).isoformat(timespec="milliseconds")}
+        data.update(fields)
+        event = cast(Event, data)
         for queue in self._subscribers:
             if queue.full():
                 # A slow reader loses the oldest progress events, never blocks the daemon.
@@ -91,12 +119,12 @@ class EventHub:
         for listener in self._listeners:
             listener(kind, fields)
 
-    def subscribe(self) -> asyncio.Queue[dict[str, Any]]:
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(EVENT_QUEUE)
+    def subscribe(self) -> asyncio.Queue[Event]:
+        queue: asyncio.Queue[Event] = asyncio.Queue(EVENT_QUEUE)
         self._subscribers.add(queue)
         return queue
 
-    def unsubscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
+    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
         self._subscribers.discard(queue)
 
     def close(self) -> None:
@@ -108,7 +136,7 @@ class EventHub:
 
 
 def problem(status: int, code: str, detail: str, hint: str = "") -> web.Response:
-    body: dict[str, Any] = {
+    body: ProblemDoc = {
         "type": f"urn:organixm:error:{code}",
         "title": code.replace("-", " "),
         "status": status,
@@ -161,12 +189,64 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def json_response(data: Any, status: int = 200) -> web.Response:
+def json_response(data: Mapping[str, object], status: int = 200) -> web.Response:
     return web.Response(
         text=json.dumps(data, default=_json_default, indent=1),
         status=status,
         content_type="application/json",
     )
+
+
+#: Times in documents built from the state's models are written as pydantic writes them
+#: (``...Z`` for UTC), the others (daemon start, checks) with ``isoformat``.
+_MODEL_TIME = TypeAdapter(datetime)
+
+
+def _model_time(value: datetime) -> str:
+    return cast(str, _MODEL_TIME.dump_python(value, mode="json"))
+
+
+def _time(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def release_doc(ref: ReleaseRef) -> ReleaseDoc:
+    return {
+        "version": ref.version,
+        "serial": ref.serial,
+        "uuid": ref.uuid,
+        "sha256": ref.sha256,
+        "size": ref.size,
+        "legacy": ref.legacy,
+    }
+
+
+def verdict_doc(verdict: Verdict) -> VerdictDoc:
+    return {
+        "outcome": Outcome(verdict.outcome),
+        "code": verdict.code,
+        "message": verdict.message,
+        "release": release_doc(verdict.release) if verdict.release else None,
+        "at": _model_time(verdict.at),
+    }
+
+
+def history_entry_doc(entry: HistoryEntry) -> HistoryEntryDoc:
+    return {
+        "at": _model_time(entry.at),
+        "event": entry.event,
+        "slot": entry.slot,
+        "release": release_doc(entry.release) if entry.release else None,
+        "detail": entry.detail,
+    }
+
+
+def failed_doc(entry: FailedRelease) -> FailedDoc:
+    return {
+        "release": release_doc(entry.release),
+        "reason": entry.reason,
+        "at": _model_time(entry.at),
+    }
 
 
 class _ProtocolLog(logging.LoggerAdapter[logging.Logger]):
@@ -240,16 +320,16 @@ class ControlServer:
 
     def _build_app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors])
-        app.router.add_get("/v1/status", self.status)
-        app.router.add_get("/v1/history", self.history)
-        app.router.add_get("/v1/events", self.events)
-        app.router.add_post("/v1/check", self._admin(self.check))
-        app.router.add_post("/v1/update", self._admin(self.update))
-        app.router.add_post("/v1/cancel", self._admin(self.cancel))
-        app.router.add_post("/v1/mark-good", self._admin(self.mark_good))
-        app.router.add_post("/v1/mark-bad", self._admin(self.mark_bad))
-        app.router.add_post("/v1/rollback", self._admin(self.rollback))
-        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get(Route.STATUS, self.status)
+        app.router.add_get(Route.HISTORY, self.history)
+        app.router.add_get(Route.EVENTS, self.events)
+        app.router.add_post(Route.CHECK, self._admin(self.check))
+        app.router.add_post(Route.UPDATE, self._admin(self.update))
+        app.router.add_post(Route.CANCEL, self._admin(self.cancel))
+        app.router.add_post(Route.MARK_GOOD, self._admin(self.mark_good))
+        app.router.add_post(Route.MARK_BAD, self._admin(self.mark_bad))
+        app.router.add_post(Route.ROLLBACK, self._admin(self.rollback))
+        app.router.add_get(Route.METRICS, self.metrics)
         return app
 
     async def start(self) -> None:
@@ -393,13 +473,13 @@ class ControlServer:
     async def status(self, request: web.Request) -> web.Response:
         return json_response(await self.daemon_status())
 
-    async def daemon_status(self) -> dict[str, Any]:
+    async def daemon_status(self) -> StatusDoc:
         daemon = self.daemon
         engine = daemon.engine
         manager = daemon.manager
         boot_state = await manager.read()
         report = manager.report
-        slots: dict[str, Any] = {}
+        slots: dict[SlotName, SlotDoc] = {}
         for name in SLOTS:
             record = engine.state.slots.get(name)
             grub = boot_state.slot(name) if boot_state is not None else None
@@ -408,7 +488,7 @@ class ControlServer:
                 "state": grub.state if grub else None,
                 "tries_left": grub.tries_left if grub else None,
                 "status": record.status if record else None,
-                "release": record.release.model_dump(mode="json") if record else None,
+                "release": release_doc(record.release) if record else None,
             }
         progress = engine.progress
         verdict = engine.state.last_verdict
@@ -418,7 +498,7 @@ class ControlServer:
             "daemon": {
                 "version": __version__,
                 "pid": os.getpid(),
-                "started": daemon.started,
+                "started": daemon.started.isoformat(),
                 "ready": daemon.ready,
             },
             "source": self.source_url,
@@ -433,7 +513,7 @@ class ControlServer:
             },
             "slots": slots,
             "phase": engine.phase.value,
-            "current": engine.current.model_dump(mode="json") if engine.current else None,
+            "current": release_doc(engine.current) if engine.current else None,
             "progress": None
             if progress is None
             else {
@@ -444,9 +524,9 @@ class ControlServer:
                 "downloaded": progress.downloaded,
                 "reused": progress.reused,
             },
-            "last_check": engine.state.last_check,
-            "next_check": daemon.next_check,
-            "verdict": verdict.model_dump(mode="json") if verdict else None,
+            "last_check": _time(engine.state.last_check),
+            "next_check": _time(daemon.next_check),
+            "verdict": verdict_doc(verdict) if verdict else None,
             "last_error": None
             if error is None
             else {"code": error.code, "message": error.message, "hint": error.advice},
@@ -456,19 +536,18 @@ class ControlServer:
 
     async def history(self, request: web.Request) -> web.Response:
         state = self.daemon.engine.state
-        return json_response(
-            {
-                "history": [entry.model_dump(mode="json") for entry in state.history],
-                "failed": [entry.model_dump(mode="json") for entry in state.failed],
-            }
-        )
+        answer: HistoryDoc = {
+            "history": [history_entry_doc(entry) for entry in state.history],
+            "failed": [failed_doc(entry) for entry in state.failed],
+        }
+        return json_response(answer)
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
         queue = self.daemon.hub.subscribe()
         try:
-            first = {"event": "status", **(await self.daemon_status())}
+            first: StatusEvent = {"event": "status", **(await self.daemon_status())}
             await response.write((json.dumps(first, default=_json_default) + "\n").encode())
             while not self.daemon.stop.is_set():
                 event = await queue.get()
@@ -498,7 +577,8 @@ class ControlServer:
         body = await self._body(request)
         force = self._flag(body, "force")
         verdict = await self.daemon.engine.check(install=False, force=force)
-        return json_response({"verdict": verdict.model_dump(mode="json")})
+        answer: CheckAnswer = {"verdict": verdict_doc(verdict)}
+        return json_response(answer)
 
     async def update(self, request: web.Request) -> web.Response:
         body = await self._body(request)
@@ -507,17 +587,22 @@ class ControlServer:
         task = self.daemon.start_update(force=force, reboot=reboot)
         if wait:
             verdict = await asyncio.shield(task)
-            return json_response({"verdict": verdict.model_dump(mode="json")})
-        return json_response({"started": True}, status=202)
+            waited: CheckAnswer = {"verdict": verdict_doc(verdict)}
+            return json_response(waited)
+        started: UpdateStarted = {"started": True}
+        return json_response(started, status=202)
 
     async def cancel(self, request: web.Request) -> web.Response:
-        return json_response({"cancelled": self.daemon.engine.request_cancel()})
+        answer: CancelAnswer = {"cancelled": self.daemon.engine.request_cancel()}
+        return json_response(answer)
 
     async def mark_good(self, request: web.Request) -> web.Response:
         state = await self.daemon.manager.mark_good()
-        return json_response(
-            {"committed": self.daemon.manager.booted, "next_slot": state.next_slot}
-        )
+        answer: MarkGoodAnswer = {
+            "committed": self.daemon.manager.booted,
+            "next_slot": state.next_slot,
+        }
+        return json_response(answer)
 
     async def mark_bad(self, request: web.Request) -> web.Response:
         body = await self._body(request)
@@ -526,17 +611,17 @@ class ControlServer:
             raise BadRequest("'reason' must be a string of at most 200 characters")
         state = await self.daemon.manager.mark_bad(reason, force=self._flag(body, "force"))
         rebooting = await self.daemon.reboot.request(f"slot marked bad: {reason}")
-        return json_response(
-            {
-                "marked_bad": self.daemon.manager.booted,
-                "next_slot": state.next_slot,
-                "rebooting": rebooting,
-            }
-        )
+        answer: MarkBadAnswer = {
+            "marked_bad": self.daemon.manager.booted,
+            "next_slot": state.next_slot,
+            "rebooting": rebooting,
+        }
+        return json_response(answer)
 
     async def rollback(self, request: web.Request) -> web.Response:
         state = await self.daemon.manager.rollback()
-        return json_response({"next_slot": state.next_slot})
+        answer: RollbackAnswer = {"next_slot": state.next_slot}
+        return json_response(answer)
 
 
 __all__ = ["Busy", "ControlServer", "EventHub"]

@@ -1,10 +1,15 @@
-"""Prometheus text exposition of the daemon's state (format 0.0.4)."""
+"""Prometheus text exposition of the daemon's state (format 0.0.4).
+
+Rendered from the status document the control socket serves
+(:class:`organixmd.apidef.StatusDoc`), the state file's history and the counters.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
+from organixmd.apidef import StatusDoc
 from organixmd.host.engine import Counters
 from organixmd.host.state import State
 
@@ -44,7 +49,7 @@ def _timestamp(value: Any) -> float:
     return 0.0
 
 
-def render(status: dict[str, Any], state: State, counters: Counters) -> str:
+def render(status: StatusDoc, state: State, counters: Counters) -> str:
     out = _Writer()
     boot = status["boot"]
     out.metric(
@@ -68,15 +73,15 @@ def render(status: dict[str, Any], state: State, counters: Counters) -> str:
     slot_samples = []
     tries = []
     for name, slot in status["slots"].items():
-        release = slot["release"] or {}
+        release = slot["release"]
         slot_samples.append(
             (
                 _labels(
                     slot=name,
                     state=slot["state"] or "unknown",
-                    version=release.get("version", ""),
+                    version=release["version"] if release else "",
                 ),
-                float(release.get("serial", 0)),
+                float(release["serial"] if release else 0),
             )
         )
         tries.append((_labels(slot=name), float(slot["tries_left"] or 0)))
@@ -87,7 +92,7 @@ def render(status: dict[str, Any], state: State, counters: Counters) -> str:
         slot_samples,
     )
     out.metric("organixm_slot_trial_tries_left", "gauge", "trial boots GRUB may still start", tries)
-    verdict = status["verdict"] or {}
+    verdict = status["verdict"]
     out.metric(
         "organixm_last_check_timestamp_seconds",
         "gauge",
@@ -100,7 +105,10 @@ def render(status: dict[str, Any], state: State, counters: Counters) -> str:
         "the last check's outcome and code",
         [
             (
-                _labels(outcome=verdict.get("outcome", "none"), code=verdict.get("code", "none")),
+                _labels(
+                    outcome=verdict["outcome"] if verdict else "none",
+                    code=verdict["code"] if verdict else "none",
+                ),
                 1.0,
             )
         ],
@@ -148,11 +156,11 @@ def render(status: dict[str, Any], state: State, counters: Counters) -> str:
         "releases remembered as failed (never installed again)",
         [("", float(len(state.failed)))],
     )
-    progress = status["progress"] or {}
+    progress = status["progress"]
     out.metric(
         "organixm_install_progress_bytes",
         "gauge",
         "bytes of the running install written and verified",
-        [("", float(progress.get("bytes_done", 0)))],
+        [("", float(progress["bytes_done"] if progress else 0))],
     )
     return "\n".join(out.lines) + "\n"

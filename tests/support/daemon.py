@@ -404,8 +404,9 @@ def organixctl(
     ``user="nobody"`` runs it through ``setpriv`` as nobody:nogroup with no
     supplementary groups. The checkout (and the venv in it) may be unreadable to
     nobody (a clone under a 0700 directory), so the client, which is stdlib-only,
-    is copied to a directory every user may read and run by an interpreter nobody
-    can run (:func:`python_for`).
+    is copied (with the API's definition, ``organixmd.apidef``, stdlib-only too) to
+    a directory every user may read and run by an interpreter nobody can run
+    (:func:`python_for`).
     """
     options = [] if socket_path is None else ["--socket", str(socket_path)]
     if user is None:
@@ -425,6 +426,9 @@ def organixctl(
             Path(copy) / "organixctl",
             ignore=shutil.ignore_patterns("__pycache__"),
         )
+        (Path(copy) / "organixmd").mkdir()
+        for name in ("__init__.py", "apidef.py"):
+            shutil.copy(REPO / "organixmd" / name, Path(copy) / "organixmd" / name)
         # The copy keeps the checkout's modes, which a umask of 077 makes private.
         for path in Path(copy).rglob("*"):
             path.chmod(0o755 if path.is_dir() else 0o644)

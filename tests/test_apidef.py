@@ -50,6 +50,23 @@ from tests.support.releases import build_release
 OPERATIONS = REPO / "docs" / "operations.md"
 
 #: Codes of the error tree that never end a check (so they are no verdict code).
+#: The codes only the policy gives (organixmd.host.policy.decide); slot-unusable is both
+#: the policy's (the target check) and an error's (a write that fails).
+POLICY_CODES = frozenset(
+    {
+        "up-to-date",
+        "update-available",
+        "waiting-for-commit",
+        "rollout-excluded",
+        "staged",
+        "verified",
+        "downgrade-refused",
+        "release-failed-before",
+        "booted-slot-unknown",
+        "boot-env-disagrees",
+    }
+)
+
 NEVER_A_VERDICT = frozenset(
     {
         # A control-socket request refused before anything runs: a check or install
@@ -208,6 +225,9 @@ def test_every_error_code_is_a_verdict_code_or_never_ends_a_check() -> None:
     # The exceptions are real codes of the tree, and none of them is a verdict code.
     assert NEVER_A_VERDICT - codes == set()
     assert not NEVER_A_VERDICT & verdicts
+    # And the other way: every code that is not the policy's is raised by some error class
+    # (the policy's codes are checked against the policy in tests/test_policy.py).
+    assert verdicts - POLICY_CODES - codes == set()
 
 
 def test_event_kinds_are_the_event_documents() -> None:

@@ -480,3 +480,39 @@ def test_the_slot_being_written_is_a_source_only_before_it_is_overwritten(
     # Chunk 1 of the slot is new by the time chunk 3 is assembled.
     assert local.source(3 * per_chunk) is None
     assert local.source(1) is None
+
+
+def test_a_host_holding_nothing_of_the_image_samples_instead_of_scanning(
+    tmp_path: Path, images: Images
+) -> None:
+    """Slot a holds an unrelated image: a sample of 256 pieces finds (almost) none of its
+    blocks in the new image, so the slots are not read whole and the full image is
+    streamed; a slot holding the image itself samples well above the bar."""
+    pub = tmp_path / "pub"
+    pub.mkdir()
+    publish_release(images.old, str(pub / "host"), "1.0", 1)
+    publish_release(images.unrelated, str(pub / "host"), "2.0", 2)
+    release = parse_meta((pub / "host.meta").read_bytes(), source="host.meta")
+    assert release.image is not None
+    stable = delta.LocalSlot("a", images.old, IMAGE)
+
+    async def run() -> tuple[delta.Prepared, float, float]:
+        async with open_source(SourceConfig(url=f"file://{pub}/host")) as source:
+            prepared = await delta.prepare(
+                source, release, [], stable=stable, target=None, start_chunk=0
+            )
+            index, _, reason = await delta_format.fetch_index(source, release, [])
+        assert index is not None, reason
+        elsewhere = delta.LocalBlocks(index, CHUNK, stable=stable, target=None)
+        holding_it = delta.LocalBlocks(
+            index, CHUNK, stable=delta.LocalSlot("a", images.unrelated, IMAGE), target=None
+        )
+        low, high = elsewhere.sample(), holding_it.sample()
+        assert elsewhere.scanned_bytes == 0
+        assert elsewhere.sampled_bytes > 0
+        return prepared, low, high
+
+    prepared, low, high = asyncio.run(run())
+    assert prepared.plan is None
+    assert prepared.reason.startswith("a sample of the local slots"), prepared.reason
+    assert low < delta_format.SAMPLE_MIN_SHARE < high, (low, high)

@@ -27,6 +27,9 @@ from organixmd.release.delta import (
     BLOCK_SIZE,
     MERGE_GAP,
     PARALLEL_FETCHES,
+    SAMPLE_MIN_SHARE,
+    SAMPLE_READ,
+    SAMPLE_WINDOWS,
     SCAN_READ,
     WORTH_IT,
     ZERO_KEY,
@@ -87,17 +90,20 @@ class LocalBlocks:
         self.stable_at = array("i", [-1]) * blocks
         self.target_at = array("i", [-1]) * blocks
         self.scanned_bytes = 0
+        self.sampled_bytes = 0
         self.seconds = 0.0
+        self._first: Callable[[int], int] | None = None
 
-    def scan(self) -> None:
-        """Read both slots once and record where the new image's blocks are. Blocking."""
-        started = time.monotonic()
+    def _lookup(self) -> Callable[[int], int]:
+        """``first(key)``: the first block of the new image with ``key``, else -1; fills
+        :attr:`head`. The table (open addressing, 8 to 16 bytes per block) lives as
+        long as the function."""
         keys, head = self.index.keys, self.head
         size = 1
         while size < 2 * len(keys):
             size <<= 1
         mask = size - 1
-        # Open addressing: the first block of each key, stored as number + 1.
+        # The first block of each key, stored as number + 1.
         table = array("I", [0]) * size
         for number, key in enumerate(keys):
             if key == ZERO_KEY:
@@ -120,6 +126,38 @@ class LocalBlocks:
                     return entry - 1
                 position = (position + 1) & mask
             return -1
+
+        return first
+
+    def sample(self) -> float:
+        """The share of sampled local blocks (zeros left out) that the new image holds.
+
+        Reads :data:`SAMPLE_WINDOWS` evenly spaced pieces of :data:`SAMPLE_READ` bytes
+        of each slot (at most 16 MiB a slot), so that a host holding nothing of the
+        new image does not read its slots whole for nothing. Blocking.
+        """
+        first = self._lookup_once()
+        sampled = found = 0
+        for slot in (self.stable, self.target):
+            if slot is None:
+                continue
+            for key in _sample_keys(slot):
+                if key == ZERO_KEY:
+                    continue
+                sampled += 1
+                found += first(key) >= 0
+        self.sampled_bytes = sampled * BLOCK_SIZE
+        return found / sampled if sampled else 0.0
+
+    def _lookup_once(self) -> Callable[[int], int]:
+        if self._first is None:
+            self._first = self._lookup()
+        return self._first
+
+    def scan(self) -> None:
+        """Read both slots once and record where the new image's blocks are. Blocking."""
+        started = time.monotonic()
+        first = self._lookup_once()
 
         def read(slot: LocalSlot, at: array[int], keep_first: bool) -> int:
             scanned = 0
@@ -146,6 +184,8 @@ class LocalBlocks:
         ]
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="delta-scan") as pool:
             self.scanned_bytes = sum(pool.map(lambda job: read(*job), work))
+        # The table is no longer needed: the plan uses head and the two arrays.
+        self._first = None
         self.seconds = time.monotonic() - started
 
     def source(self, number: int) -> tuple[LocalSlot, int] | None:
@@ -168,6 +208,26 @@ class LocalBlocks:
 
     def is_zero(self, number: int) -> bool:
         return self.head[number] < 0
+
+
+def _sample_keys(slot: LocalSlot) -> Iterator[int]:
+    """The keys of the blocks in :data:`SAMPLE_WINDOWS` evenly spaced pieces of ``slot``."""
+    blocks = slot.size // BLOCK_SIZE
+    per_window = SAMPLE_READ // BLOCK_SIZE
+    if blocks == 0:
+        return
+    windows = min(SAMPLE_WINDOWS, max(1, blocks // per_window))
+    fd = os.open(slot.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for window in range(windows):
+            block = window * blocks // windows
+            count = min(per_window, blocks - block)
+            data = os.pread(fd, count * BLOCK_SIZE, slot.base + block * BLOCK_SIZE)
+            view = memoryview(data)
+            for offset in range(0, len(data) - len(data) % BLOCK_SIZE, BLOCK_SIZE):
+                yield block_key(view[offset : offset + BLOCK_SIZE])
+    finally:
+        os.close(fd)
 
 
 def _slot_keys(slot: LocalSlot) -> Iterator[tuple[int, int]]:
@@ -326,6 +386,15 @@ async def prepare(
         return Prepared(None, reason, index_bytes)
     local = LocalBlocks(index, image.chunk_size, stable=stable, target=target)
     try:
+        share = await asyncio.to_thread(local.sample)
+        if share < SAMPLE_MIN_SHARE:
+            return Prepared(
+                None,
+                f"a sample of the local slots ({local.sampled_bytes // 2**20} MiB) found "
+                f"{share:.0%} of its blocks in the new image: the full image is streamed "
+                "instead",
+                index_bytes,
+            )
         await asyncio.to_thread(local.scan)
     except OSError as exc:
         return Prepared(None, f"cannot read the local slots: {exc.strerror or exc}", index_bytes)

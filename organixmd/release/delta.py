@@ -64,6 +64,12 @@ PARALLEL_FETCHES = 4
 WORTH_IT = 0.9
 #: What a slot is read in while it is scanned.
 SCAN_READ = 4 * 1024 * 1024
+#: Before a slot is scanned whole, this many evenly spaced pieces of this many bytes
+#: are keyed; when fewer than this share of their blocks (zeros left out) are in the
+#: new image, nothing worth the scan is there and the full image is streamed.
+SAMPLE_WINDOWS = 256
+SAMPLE_READ = 64 * 1024
+SAMPLE_MIN_SHARE = 0.05
 
 _FIELDS = {
     "image_sha256",

@@ -207,9 +207,14 @@ class FaultProxy:
 
     async def _shutdown(self) -> None:
         await self._close_listener()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Every task of this loop, not only the handlers that began: a connection
+        # accepted just before the stop has a handler task that never ran, and a loop
+        # closed over it prints "Task was destroyed but it is pending".
+        current = asyncio.current_task()
+        while pending := [task for task in asyncio.all_tasks() if task is not current]:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     def _take_fault(self) -> Fault | None:
         with self._lock:
@@ -244,11 +249,13 @@ class FaultProxy:
             if record.outcome == "open":
                 record.outcome = "proxy stopped"
         finally:
-            self._tasks.discard(task)
             if not writer.is_closing():
                 writer.close()
-            with contextlib.suppress(ConnectionError, OSError):
+            with contextlib.suppress(ConnectionError, OSError, asyncio.CancelledError):
                 await writer.wait_closed()
+            # Last: until here the shutdown must wait for this task, or the loop closes
+            # over it ("Task was destroyed but it is pending").
+            self._tasks.discard(task)
 
     async def _answer_canned(
         self,

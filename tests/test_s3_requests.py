@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from organixmd.base.config import SourceConfig
-from organixmd.base.errors import SourceDenied, SourceError
+from organixmd.base.errors import SourceDenied, SourceError, SourceUnreachable
 from organixmd.release.s3client import (
     configured_endpoint,
     error_answer,
@@ -25,6 +25,7 @@ from organixmd.release.s3client import (
     s3_error,
 )
 from organixmd.release.sources import open_source
+from tests.support.faultproxy import Fault, FaultProxy
 from tests.support.s3 import ACCESS_KEY, SECRET_KEY, MotoServer, start_moto
 from tests.test_sources import clean_env, iam_reader, s3_client
 
@@ -282,3 +283,35 @@ def test_s3_error_answer_and_region_hint() -> None:
     assert type(error) is SourceError
     assert str(error).startswith("fetch meta s3://fleet/host.meta: PermanentRedirect: The bucket")
     assert error.advice == 'the bucket is in region eu-west-1: set source.s3_region = "eu-west-1"'
+
+
+async def test_s3_server_errors_are_retried_within_the_timeout(
+    moto: MotoServer, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """5xx for the first two requests: the third answers within one fetch, as botocore's
+    standard retries did; 5xx that goes on is source-unreachable after three tries."""
+    put(moto.endpoint, s3_bucket)
+    for name, value in moto.credentials_env().items():
+        monkeypatch.setenv(name, value)
+    with FaultProxy("127.0.0.1", int(moto.endpoint.rsplit(":", 1)[1])) as proxy:
+        config = SourceConfig.model_validate(
+            {
+                "url": f"s3://{s3_bucket}/fleet/host",
+                "s3_endpoint": proxy.url,
+                "timeout": 10,
+            }
+        )
+        async with open_source(config) as source:
+            proxy.set_fault(Fault("http", status=503, connections=2))
+            fetched = await source.fetch_meta(None)
+            assert fetched is not None
+            assert fetched.data == b'{"probe": true}'
+            assert [c.outcome for c in proxy.connections][:2] == ["http", "http"]
+            proxy.set_fault(Fault("http", status=500))
+            before = len(proxy.connections)
+            with pytest.raises(SourceUnreachable) as failed:
+                await source.fetch_meta(None)
+            assert len(proxy.connections) - before == 3
+    assert str(failed.value).startswith(
+        f"fetch meta s3://{s3_bucket}/fleet/host.meta: the S3 server failed"
+    )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator
@@ -46,6 +47,10 @@ if TYPE_CHECKING:
 MAX_SIGNATURE_BYTES = 64 * 1024
 #: An S3 error answer is read up to this size for its error code.
 MAX_ERROR_BYTES = 64 * 1024
+#: Tries of one S3 request that found no server or a failing one (5xx), as botocore's
+#: standard retry mode; all within ``source.timeout``.
+S3_ATTEMPTS = 3
+S3_RETRY_STATUSES = frozenset({500, 502, 503, 504})
 READ_SIZE = 1024 * 1024
 
 
@@ -541,6 +546,46 @@ class S3Source(HttpSource):
         self._endpoint = configured_endpoint(config.s3_endpoint)
         self._region = config.s3_region
         self._signer = RequestSigner(config.credentials, config.credentials_file, config.s3_region)
+
+    @contextlib.asynccontextmanager
+    async def _request(
+        self, where: str, headers: dict[str, str], action: str
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """HttpSource's request, tried again (as botocore's standard retry mode did) when
+        no server answered or it answered 5xx, with jittered backoff, as long as the
+        answer can still come within ``source.timeout``. A body is never retried."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        async with contextlib.AsyncExitStack() as outer:
+            for attempt in range(S3_ATTEMPTS):
+                inner = contextlib.AsyncExitStack()
+                failed: SourceUnreachable | None = None
+                try:
+                    # A retry must be answered by the deadline too (the first try is
+                    # bounded by the session's connect and read timeouts).
+                    async with asyncio.timeout_at(deadline if attempt else None):
+                        response = await inner.enter_async_context(
+                            super()._request(where, headers, action)
+                        )
+                except SourceUnreachable as exc:
+                    failed = exc
+                except TimeoutError as exc:
+                    raise SourceUnreachable(
+                        f"{action} {where}: no answer within {self.timeout:g} s "
+                        f"({attempt + 1} tries)"
+                    ) from exc
+                delay = random.uniform(0, 2**attempt)  # noqa: S311 - jitter, not a secret
+                again = attempt + 1 < S3_ATTEMPTS and loop.time() + delay < deadline
+                if failed is not None:
+                    if not again:
+                        raise failed
+                elif response.status not in S3_RETRY_STATUSES or not again:
+                    await outer.enter_async_context(inner)
+                    break
+                else:
+                    await inner.aclose()
+                await asyncio.sleep(delay)
+            yield response
 
     def _key_of(self, where: str) -> str:
         return where.removeprefix(f"s3://{self.bucket}/")

@@ -13,11 +13,19 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from organixmd.base.config import SourceConfig
-from organixmd.base.errors import SourceDenied, SourceError, SourceUnreachable
+from organixmd.base.errors import (
+    SourceChanged,
+    SourceDenied,
+    SourceError,
+    SourceNotFound,
+    SourceUnreachable,
+)
 from organixmd.release.s3client import (
     configured_endpoint,
     error_answer,
@@ -314,4 +322,38 @@ async def test_s3_server_errors_are_retried_within_the_timeout(
             assert len(proxy.connections) - before == 3
     assert str(failed.value).startswith(
         f"fetch meta s3://{s3_bucket}/fleet/host.meta: the S3 server failed"
+    )
+
+
+async def test_s3_image_errors_name_s3s_code(
+    moto: MotoServer, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resume whose object changed is source-changed (PreconditionFailed) and a missing
+    image source-not-found (NoSuchKey): the error answer is read before it is closed."""
+    put(moto.endpoint, s3_bucket)
+    for name, value in moto.credentials_env().items():
+        monkeypatch.setenv(name, value)
+    config = SourceConfig(url=f"s3://{s3_bucket}/fleet/host", s3_endpoint=moto.endpoint)
+    # A seed-format release names its image by an absolute key; nothing else is read.
+    image: Any = SimpleNamespace(object_is_absolute=True, image_object=ODD_KEY)
+    missing: Any = SimpleNamespace(object_is_absolute=True, image_object="fleet/none.img")
+    async with open_source(config) as source:
+        stream = await source.open_image(image, 10, None)
+        try:
+            assert await stream.read(6) == BODY[10:16]
+            etag = stream.etag
+        finally:
+            await stream.aclose()
+        assert etag is not None
+        with pytest.raises(SourceChanged) as changed:
+            await source.open_image(image, 10, '"0123456789abcdef0123456789abcdef"')
+        with pytest.raises(SourceNotFound) as not_found:
+            await source.open_image(missing, 0, None)
+        resumed = await source.open_image(image, 10, etag)
+        await resumed.aclose()
+    assert changed.value.message == (
+        f"download image s3://{s3_bucket}/{ODD_KEY}: the object changed (PreconditionFailed)"
+    )
+    assert not_found.value.message == (
+        f"download image s3://{s3_bucket}/fleet/none.img: not found (NoSuchKey)"
     )

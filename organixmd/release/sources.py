@@ -361,10 +361,15 @@ class HttpSource(Source):
         response = await context.__aenter__()
         expected = 206 if start else 200
         if response.status != expected:
-            await context.__aexit__(None, None, None)
-            if start and response.status == 200:
-                raise SourceChanged(f"download image {url}: the server ignored the Range request")
-            await self._fail(response, "download image", url)
+            try:
+                if start and response.status == 200:
+                    raise SourceChanged(
+                        f"download image {url}: the server ignored the Range request"
+                    )
+                # While the answer is open: S3's error answer names its code.
+                await self._fail(response, "download image", url)
+            finally:
+                await context.__aexit__(None, None, None)
         return _ContextStream(self._stream(response, url), context)
 
 

@@ -3,7 +3,8 @@ signatures, the trust check, and the sources (S3, HTTP(S), files) it is fetched 
 
 Owns: ``meta`` (strict models of the descriptor), ``minisign`` (Ed25519 in minisign's
 formats), ``trust`` (fetch, verify, parse for the operator tools), ``sources``
-(bounded reads behind one interface), ``s3client`` (S3 settings and client).
+(bounded reads behind one interface), ``s3client`` (S3 addressing, credentials,
+request signing and error mapping; the publisher's aiobotocore client).
 
 May import: ``organixmd.base``.
 """

@@ -1,31 +1,31 @@
-"""The one adapter to S3: client creation, credentials, and error mapping.
+"""The one adapter to S3: addressing, credentials, request signing and error mapping.
 
-Every S3 client in organixm is made by :func:`open_client`, and every S3 call
-runs inside :func:`s3_errors`, which turns botocore, aiohttp and timeout errors
-into :mod:`organixmd.base.errors` (chained with ``from``) with a message naming the
-bucket, key and action and never a credential.
+The daemon reads S3 as plain HTTP GETs (``organixmd/release/sources.py``, ``S3Source``,
+over HttpSource's machinery): :func:`object_http_url` addresses an object as
+botocore does, :class:`RequestSigner` signs each GET with SigV4
+(``botocore.auth.S3SigV4Auth`` on a bare ``AWSRequest``) and :func:`s3_error`
+maps an S3 error answer. No botocore client is made there, so neither aiobotocore
+nor botocore's S3 service model and endpoint rules are loaded (~23 MiB of RSS).
+
+The publisher uploads through an aiobotocore client made by :func:`open_client`;
+every call of it runs inside :func:`s3_errors`, which turns botocore, aiohttp and
+timeout errors into :mod:`organixmd.base.errors` (chained with ``from``).
+
+Every message names the bucket, key and action and never a credential.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import quote
 
 import aiohttp
-from botocore import UNSIGNED
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    NoCredentialsError,
-    PartialCredentialsError,
-    ReadTimeoutError,
-)
-from botocore.exceptions import (
-    ConnectionError as BotoConnectionError,
-)
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from organixmd.base.errors import (
@@ -38,6 +38,7 @@ from organixmd.base.errors import (
 )
 
 if TYPE_CHECKING:
+    from botocore.exceptions import ClientError
     from types_aiobotocore_s3.client import S3Client
 
 _NOT_FOUND = frozenset({"NoSuchKey", "NoSuchBucket", "NoSuchUpload", "NotFound", "404"})
@@ -55,6 +56,10 @@ _DENIED = frozenset(
 )
 _CHANGED = frozenset({"PreconditionFailed", "412"})
 _SERVER_BUSY = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "500", "503"})
+
+_NO_CREDENTIALS = (
+    "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, an AWS profile, or a credentials file"
+)
 
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 _CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
@@ -135,9 +140,10 @@ async def open_client(settings: S3Settings) -> AsyncIterator[S3Client]:
     next client). Retries are botocore's standard mode; callers bound every call
     with their own timeout as well.
     """
-    # Imported here: aiobotocore is slow to import and only S3 users need it.
+    # Imported here: aiobotocore is slow to import and only the publisher needs it.
     from aiobotocore.config import AioConfig
     from aiobotocore.session import get_session
+    from botocore import UNSIGNED
 
     config = AioConfig(
         signature_version=UNSIGNED if settings.credentials == "anonymous" else None,
@@ -165,7 +171,7 @@ async def open_client(settings: S3Settings) -> AsyncIterator[S3Client]:
         yield client
 
 
-def error_code(exc: ClientError) -> str:
+def _error_code(exc: ClientError) -> str:
     """The S3 error code of ``exc`` (``"NoSuchKey"``, or the HTTP status for HEAD/304)."""
     code = exc.response.get("Error", {}).get("Code")
     if code:
@@ -179,9 +185,12 @@ def _describe(bucket: str, key: str, action: str) -> str:
     return f"{action} s3://{bucket}/{key}" if key else f"{action} s3://{bucket}"
 
 
-def _client_error(exc: ClientError, where: str, bucket: str) -> SourceError:
-    code = error_code(exc)
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+def s3_error(
+    code: str, status: int | None, message: str, where: str, bucket: str, region_hint: str = ""
+) -> SourceError:
+    """The error for an S3 answer with error ``code`` (the HTTP status when the answer
+    had none), HTTP ``status`` and the server's ``message``, about ``where`` (the action
+    and object). The server's message is kept only where it cannot quote a credential."""
     if code in _NOT_FOUND or status == 404:
         return SourceNotFound(f"{where}: not found ({code})")
     if code in _DENIED or status == 403:
@@ -193,11 +202,24 @@ def _client_error(exc: ClientError, where: str, bucket: str) -> SourceError:
         )
     if code in _CHANGED or status == 412:
         return SourceChanged(f"{where}: the object changed ({code})")
-    message = str(exc.response.get("Error", {}).get("Message", ""))[:200]
+    message = message[:200]
     detail = f"{code}: {message}" if message else code
-    if code in _SERVER_BUSY or (isinstance(status, int) and status >= 500):
+    if code in _SERVER_BUSY or (status is not None and status >= 500):
         return SourceUnreachable(f"{where}: the S3 server failed ({detail})")
+    if region_hint:
+        return SourceError(
+            f"{where}: {detail}",
+            hint=f'the bucket is in region {region_hint}: set source.s3_region = "{region_hint}"',
+        )
     return SourceError(f"{where}: {detail}")
+
+
+def _client_error(exc: ClientError, where: str, bucket: str) -> SourceError:
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    message = str(exc.response.get("Error", {}).get("Message", ""))
+    return s3_error(
+        _error_code(exc), status if isinstance(status, int) else None, message, where, bucket
+    )
 
 
 @contextmanager
@@ -208,26 +230,195 @@ def s3_errors(bucket: str, key: str, action: str) -> Iterator[None]:
     signature and key errors, 403 → :class:`SourceDenied`; 412 → :class:`SourceChanged`;
     connection failures, timeouts and 5xx → :class:`SourceUnreachable`; anything
     else from botocore → :class:`SourceError`. The original error is the
-    ``__cause__`` (callers that expect e.g. a 304 inspect it with :func:`error_code`).
-    Use ``"-"`` as ``bucket`` for calls that concern no bucket.
+    ``__cause__``. Use ``"-"`` as ``bucket`` for calls that concern no bucket.
     """
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        NoCredentialsError,
+        PartialCredentialsError,
+        ReadTimeoutError,
+    )
+    from botocore.exceptions import (
+        ConnectionError as BotoConnectionError,
+    )
+
     where = _describe(bucket, key, action)
     try:
         yield
     except ClientError as exc:
         raise _client_error(exc, where, bucket) from exc
     except (NoCredentialsError, PartialCredentialsError) as exc:
-        raise SourceDenied(
-            f"{where}: no S3 credentials found",
-            hint="set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, an AWS profile, or a "
-            "credentials file",
-        ) from exc
+        raise SourceDenied(f"{where}: no S3 credentials found", hint=_NO_CREDENTIALS) from exc
     except (BotoConnectionError, ReadTimeoutError, aiohttp.ClientError) as exc:
         raise SourceUnreachable(f"{where}: {type(exc).__name__}: {exc}") from exc
     except TimeoutError as exc:
         raise SourceUnreachable(f"{where}: timed out") from exc
     except BotoCoreError as exc:
         raise SourceError(f"{where}: {type(exc).__name__}: {exc}") from exc
+
+
+# ------------------------------------------------------------- the daemon's signed GETs
+
+#: A bucket name that is one DNS label: addressed virtual-hosted on AWS, as botocore does.
+_VIRTUAL_HOST_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
+_IPV4_RE = re.compile(r"^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+$")
+#: The fields of an S3 error answer (``<Error><Code>..</Code><Message>..</Message>``):
+#: matched, not parsed, so a hostile answer cannot expand entities.
+_ERROR_FIELDS = {
+    name: re.compile(rf"<{name}>([^<]{{1,512}})</{name}>".encode())
+    for name in ("Code", "Message", "Region")
+}
+_CODE_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_REGION_RE = re.compile(r"^[a-z0-9-]{1,64}$")
+
+
+def configured_endpoint(endpoint: str | None) -> str | None:
+    """Where S3 requests go: ``source.s3_endpoint``, else ``AWS_ENDPOINT_URL_S3`` or
+    ``AWS_ENDPOINT_URL`` from the environment (as botocore reads them, unless
+    ``AWS_IGNORE_CONFIGURED_ENDPOINT_URLS=true``), else ``None``: AWS itself."""
+    if endpoint is not None:
+        return endpoint
+    if os.environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() == "true":
+        return None
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def object_http_url(endpoint: str | None, region: str, bucket: str, key: str) -> str:
+    """The HTTP URL of ``key`` in ``bucket``, addressed as botocore's S3 client addresses
+    it: path-style (``ENDPOINT/bucket/key``) against a configured endpoint; against AWS
+    virtual-hosted (``https://bucket.s3.REGION.amazonaws.com/key``, ``s3.amazonaws.com``
+    in us-east-1) when the bucket name is one DNS label, else path-style. The key is
+    percent-encoded as botocore encodes it (``/`` and ``~`` kept); the URL is sent as is."""
+    path = quote(key, safe="/~")
+    if endpoint is not None:
+        return f"{endpoint.rstrip('/')}/{quote(bucket, safe='')}/{path}"
+    suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
+    host = f"s3.{suffix}" if region == "us-east-1" else f"s3.{region}.{suffix}"
+    if _VIRTUAL_HOST_BUCKET_RE.match(bucket) and not _IPV4_RE.match(bucket):
+        return f"https://{bucket}.{host}/{path}"
+    return f"https://{host}/{quote(bucket, safe='')}/{path}"
+
+
+def error_answer(body: bytes, status: int, headers: Any) -> tuple[str, str, str]:
+    """The error code (the HTTP status when there is none), message and the bucket's
+    region if the answer names one, of an S3 error answer."""
+    fields = {}
+    for name, pattern in _ERROR_FIELDS.items():
+        found = pattern.search(body)
+        fields[name] = found.group(1).decode("utf-8", "replace").strip() if found else ""
+    code = fields["Code"] if _CODE_RE.match(fields["Code"]) else str(status)
+    region = str(headers.get("x-amz-bucket-region") or fields["Region"])
+    return code, fields["Message"], region if _REGION_RE.match(region) else ""
+
+
+class _Keys:
+    """Keys from a credentials file in the shape botocore's signer reads."""
+
+    __slots__ = ("access_key", "secret_key", "token")
+
+    def __init__(self, keys: FileCredentials) -> None:
+        self.access_key = keys.access_key_id.get_secret_value()
+        self.secret_key = keys.secret_access_key.get_secret_value()
+        self.token = None if keys.session_token is None else keys.session_token.get_secret_value()
+
+    def __repr__(self) -> str:
+        return "_Keys(...)"
+
+
+def _chain_credentials() -> Any:
+    """botocore's default credential chain (no service model is loaded for it).
+
+    Its first link, the environment, is tried alone first: most hosts stop there, and
+    the rest of the chain needs ``botocore.session`` and the client machinery it imports
+    (~3 MiB). Blocking (files, instance metadata): run in a thread.
+    """
+    from botocore.credentials import EnvProvider
+
+    found = EnvProvider().load()
+    if found is not None:
+        return found
+    import botocore.session
+
+    return botocore.session.get_session().get_credentials()
+
+
+class RequestSigner:
+    """Signs the daemon's S3 GETs with SigV4 (``botocore.auth.S3SigV4Auth`` on a bare
+    ``AWSRequest``): no botocore client, so no service model or endpoint rules.
+
+    Credentials are resolved on the first request, as a botocore client resolved them
+    when it was made: ``env`` by botocore's default chain, ``file`` from
+    ``credentials_file`` (a rotated file is picked up by the next source), ``anonymous``
+    not at all (requests go unsigned). Refreshable credentials (an instance role,
+    ``AWS_CREDENTIAL_EXPIRATION``) are refreshed as each request is signed.
+    """
+
+    def __init__(
+        self,
+        credentials: Literal["env", "anonymous", "file"],
+        credentials_file: Path | None,
+        region: str,
+    ) -> None:
+        self._mode = credentials
+        self._file = credentials_file
+        self._region = region
+        self._credentials: Any = None
+
+    async def sign(self, url: str, headers: dict[str, str], where: str) -> dict[str, str]:
+        """``headers`` with the signature of a GET of ``url`` added; ``where`` (the action
+        and object) names a failure to find credentials."""
+        if self._mode == "anonymous":
+            return headers
+        keys = await self._frozen(where)
+        from botocore.auth import S3SigV4Auth
+        from botocore.awsrequest import AWSRequest
+
+        request = AWSRequest(method="GET", url=url, headers=headers)
+        S3SigV4Auth(keys, "s3", self._region).add_auth(request)
+        return dict(request.headers.items())
+
+    async def _frozen(self, where: str) -> Any:
+        if self._credentials is None:
+            self._credentials = await self._resolve(where)
+        credentials = self._credentials
+        if isinstance(credentials, _Keys):
+            return credentials
+        refresh_needed = getattr(credentials, "refresh_needed", None)
+        if refresh_needed is not None and refresh_needed():
+            # A refresh asks the instance metadata service or STS: not on the event loop.
+            return await self._guarded(credentials.get_frozen_credentials, where)
+        return credentials.get_frozen_credentials()
+
+    async def _resolve(self, where: str) -> Any:
+        if self._mode == "file":
+            assert self._file is not None  # noqa: S101 - enforced by the configuration model
+            return _Keys(load_credentials_file(self._file))
+        found = await self._guarded(_chain_credentials, where)
+        if found is None:
+            raise SourceDenied(f"{where}: no S3 credentials found", hint=_NO_CREDENTIALS)
+        return found
+
+    @staticmethod
+    async def _guarded(call: Any, where: str) -> Any:
+        """``call()`` in a thread, botocore's errors converted."""
+        from botocore.exceptions import (
+            BotoCoreError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
+
+        try:
+            return await asyncio.to_thread(call)
+        except (NoCredentialsError, PartialCredentialsError) as exc:
+            raise SourceDenied(
+                f"{where}: no S3 credentials found ({type(exc).__name__})", hint=_NO_CREDENTIALS
+            ) from exc
+        except BotoCoreError as exc:
+            raise SourceError(
+                f"{where}: the S3 credentials could not be read: {type(exc).__name__}: "
+                f"{str(exc)[:200]}"
+            ) from exc
 
 
 def parse_s3_url(url: str, *, require_key: bool = True) -> tuple[str, str]:

@@ -5,6 +5,9 @@ enter, naming the URL (never credentials). Sizes are bounded before memory is
 spent: a meta over :data:`~organixmd.release.meta.MAX_META_BYTES` or a signature over
 :data:`MAX_SIGNATURE_BYTES` is refused without being read in full.
 
+S3 is read as plain HTTP: :class:`S3Source` is an :class:`HttpSource` whose GETs are
+addressed and SigV4-signed by :mod:`organixmd.release.s3client` (no botocore client).
+
 Layout (docs/format.md): the meta is at ``URL.meta``, its signature at
 ``URL.meta.minisig``; the image object named in the meta is relative to the
 meta's directory (for the seed format the image is at ``URL`` itself).
@@ -15,16 +18,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, Self
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
+import yarl
 
 from organixmd.base.errors import (
     SourceChanged,
@@ -40,6 +45,12 @@ if TYPE_CHECKING:
     from organixmd.base.config import SourceConfig
 
 MAX_SIGNATURE_BYTES = 64 * 1024
+#: An S3 error answer is read up to this size for its error code.
+MAX_ERROR_BYTES = 64 * 1024
+#: Tries of one S3 request that found no server or a failing one (5xx), as botocore's
+#: standard retry mode; all within ``source.timeout``.
+S3_ATTEMPTS = 3
+S3_RETRY_STATUSES = frozenset({500, 502, 503, 504})
 READ_SIZE = 1024 * 1024
 
 
@@ -198,8 +209,9 @@ class Source(ABC):
 
 
 class _HttpStream:
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, where: str | None = None) -> None:
         self._response = response
+        self._where = where or str(response.url)
         self.etag: str | None = response.headers.get("ETag")
 
     async def read(self, n: int) -> bytes:
@@ -207,7 +219,7 @@ class _HttpStream:
             return await self._response.content.read(n)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise SourceUnreachable(
-                f"download of {self._response.url} broke off: {exc or type(exc).__name__}"
+                f"download of {self._where} broke off: {exc or type(exc).__name__}"
             ) from exc
 
     async def aclose(self) -> None:
@@ -215,6 +227,12 @@ class _HttpStream:
 
 
 class HttpSource(Source):
+    """Releases on a web server. Every request names its object by ``where``: the URL
+    here, ``s3://bucket/key`` in :class:`S3Source`, which addresses and signs it."""
+
+    #: Whether a redirect is followed (S3's redirects name another region instead).
+    follow_redirects = True
+
     def __init__(self, url: str, timeout: float) -> None:
         super().__init__(url, timeout)
         self._session: aiohttp.ClientSession | None = None
@@ -235,20 +253,32 @@ class HttpSource(Source):
             raise RuntimeError("HttpSource used outside 'async with'")
         return self._session
 
+    async def _prepare(
+        self, where: str, headers: dict[str, str], action: str
+    ) -> tuple[str | yarl.URL, dict[str, str]]:
+        """The URL to GET for ``where`` and the request's headers."""
+        return where, headers
+
     @contextlib.asynccontextmanager
     async def _request(
-        self, url: str, headers: dict[str, str], action: str
+        self, where: str, headers: dict[str, str], action: str
     ) -> AsyncIterator[aiohttp.ClientResponse]:
+        url, headers = await self._prepare(where, headers, action)
         try:
-            async with self.session.get(url, headers=headers) as response:
+            async with self.session.get(
+                url, headers=headers, allow_redirects=self.follow_redirects
+            ) as response:
                 yield response
         except aiohttp.ClientConnectorError as exc:
-            raise SourceUnreachable(f"{action} {url}: cannot connect: {exc.os_error}") from exc
+            raise SourceUnreachable(f"{action} {where}: cannot connect: {exc.os_error}") from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise SourceUnreachable(f"{action} {url}: {exc or type(exc).__name__}") from exc
+            raise SourceUnreachable(f"{action} {where}: {exc or type(exc).__name__}") from exc
 
-    @staticmethod
-    def _raise_for(response: aiohttp.ClientResponse, action: str) -> None:
+    def _stream(self, response: aiohttp.ClientResponse, where: str) -> _HttpStream:
+        return _HttpStream(response)
+
+    async def _fail(self, response: aiohttp.ClientResponse, action: str, where: str) -> NoReturn:
+        """Raise the error for an answer that is not the one asked for."""
         url = response.url
         status = response.status
         if status == 404:
@@ -274,13 +304,14 @@ class HttpSource(Source):
             if response.status == 404 and missing_ok:
                 return None
             if response.status != 200:
-                self._raise_for(response, action)
+                await self._fail(response, action, url)
             if response.content_length is not None and response.content_length > limit:
                 raise SourceError(
                     f"{action} {url}: {response.content_length} bytes, over the {limit}-byte limit"
                 )
             # As a whole: a small object that trickles in must not hold the check.
-            data = await _read_within(_HttpStream(response), limit, action, url, self.timeout)
+            stream = self._stream(response, url)
+            data = await _read_within(stream, limit, action, url, self.timeout)
             return Fetched(data=data, etag=response.headers.get("ETag"))
 
     async def fetch_meta(self, etag: str | None) -> Fetched | None:
@@ -314,8 +345,8 @@ class HttpSource(Source):
             if response.status != 206:
                 if response.status == 200:
                     raise SourceError(f"fetch range of {url}: the server ignored the Range request")
-                self._raise_for(response, "fetch range of")
-            stream = _HttpStream(response)
+                await self._fail(response, "fetch range of", url)
+            stream = self._stream(response, url)
             data = await _read_within(stream, length, "fetch range of", url, self.timeout)
         return _whole_range(data, length, start, url)
 
@@ -330,11 +361,16 @@ class HttpSource(Source):
         response = await context.__aenter__()
         expected = 206 if start else 200
         if response.status != expected:
-            await context.__aexit__(None, None, None)
-            if start and response.status == 200:
-                raise SourceChanged(f"download image {url}: the server ignored the Range request")
-            self._raise_for(response, "download image")
-        return _ContextStream(_HttpStream(response), context)
+            try:
+                if start and response.status == 200:
+                    raise SourceChanged(
+                        f"download image {url}: the server ignored the Range request"
+                    )
+                # While the answer is open: S3's error answer names its code.
+                await self._fail(response, "download image", url)
+            finally:
+                await context.__aexit__(None, None, None)
+        return _ContextStream(self._stream(response, url), context)
 
 
 class _ContextStream:
@@ -500,143 +536,110 @@ class FileSource(Source):
 # --------------------------------------------------------------------------- S3
 
 
-class _S3Stream:
-    def __init__(self, body: Any, etag: str | None, where: str) -> None:
-        self._body = body
-        self.etag = etag
-        self._where = where
+class S3Source(HttpSource):
+    """Releases in an S3 bucket, read as SigV4-signed GETs with HttpSource's bounded,
+    timed reads, Range and If-Match requests and error mapping; S3's error codes name
+    what went wrong. Objects are ``s3://bucket/key`` in messages, never the endpoint."""
 
-    async def read(self, n: int) -> bytes:
-        try:
-            data: bytes = await self._body.read(n)
-        except Exception as exc:
-            # aiobotocore raises ResponseStreamingError / AioReadTimeoutError here;
-            # both mean the connection broke off mid-object.
-            raise SourceUnreachable(
-                f"download of {self._where} broke off: {type(exc).__name__}"
-            ) from exc
-        return data
+    follow_redirects = False
 
-    async def aclose(self) -> None:
-        self._body.close()
-
-
-class S3Source(Source):
     def __init__(self, url: str, config: SourceConfig) -> None:
         super().__init__(url, config.timeout)
-        from organixmd.release.s3client import S3Settings, parse_s3_url
+        from organixmd.release.s3client import RequestSigner, configured_endpoint, parse_s3_url
 
         self.bucket, self.key = parse_s3_url(url)
-        self._settings = S3Settings(
-            endpoint=config.s3_endpoint,
-            region=config.s3_region,
-            credentials=config.credentials,
-            credentials_file=config.credentials_file,
-            # source.timeout bounds the wait for the next bytes of a body too: with
-            # botocore's own 60 s, a download stalled mid-image held the check that long.
-            connect_timeout=min(config.timeout, 600.0),
-            read_timeout=min(config.timeout, 3600.0),
+        self._endpoint = configured_endpoint(config.s3_endpoint)
+        self._region = config.s3_region
+        self._signer = RequestSigner(config.credentials, config.credentials_file, config.s3_region)
+
+    @contextlib.asynccontextmanager
+    async def _request(
+        self, where: str, headers: dict[str, str], action: str
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """HttpSource's request, tried again (as botocore's standard retry mode did) when
+        no server answered or it answered 5xx, with jittered backoff, as long as the
+        answer can still come within ``source.timeout``. A body is never retried."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        async with contextlib.AsyncExitStack() as outer:
+            for attempt in range(S3_ATTEMPTS):
+                inner = contextlib.AsyncExitStack()
+                failed: SourceUnreachable | None = None
+                try:
+                    # A retry must be answered by the deadline too (the first try is
+                    # bounded by the session's connect and read timeouts).
+                    async with asyncio.timeout_at(deadline if attempt else None):
+                        response = await inner.enter_async_context(
+                            super()._request(where, headers, action)
+                        )
+                except SourceUnreachable as exc:
+                    failed = exc
+                except TimeoutError as exc:
+                    raise SourceUnreachable(
+                        f"{action} {where}: no answer within {self.timeout:g} s "
+                        f"({attempt + 1} tries)"
+                    ) from exc
+                delay = random.uniform(0, 2**attempt)  # noqa: S311 - jitter, not a secret
+                again = attempt + 1 < S3_ATTEMPTS and loop.time() + delay < deadline
+                if failed is not None:
+                    if not again:
+                        raise failed
+                elif response.status not in S3_RETRY_STATUSES or not again:
+                    await outer.enter_async_context(inner)
+                    break
+                else:
+                    await inner.aclose()
+                await asyncio.sleep(delay)
+            yield response
+
+    def _key_of(self, where: str) -> str:
+        return where.removeprefix(f"s3://{self.bucket}/")
+
+    async def _prepare(
+        self, where: str, headers: dict[str, str], action: str
+    ) -> tuple[str | yarl.URL, dict[str, str]]:
+        from organixmd.release.s3client import object_http_url
+
+        url = object_http_url(self._endpoint, self._region, self.bucket, self._key_of(where))
+        signed = await self._signer.sign(url, headers, f"{action} {where}")
+        # Sent exactly as signed: aiohttp must not re-encode the path.
+        return yarl.URL(url, encoded=True), signed
+
+    def _stream(self, response: aiohttp.ClientResponse, where: str) -> _HttpStream:
+        return _HttpStream(response, where)
+
+    async def _fail(self, response: aiohttp.ClientResponse, action: str, where: str) -> NoReturn:
+        from organixmd.release.s3client import error_answer, s3_error
+
+        try:
+            stream = _HttpStream(response, where)
+            body = await _read_within(stream, MAX_ERROR_BYTES, action, where, self.timeout)
+        except SourceError:
+            body = b""  # the status alone, then
+        code, message, region = error_answer(body, response.status, response.headers)
+        raise s3_error(
+            code,
+            response.status,
+            message,
+            f"{action} {where}",
+            self.bucket,
+            region_hint=region if region != self._region else "",
         )
-        self._client: Any = None
 
-    async def _open(self, stack: contextlib.AsyncExitStack) -> None:
-        from organixmd.release.s3client import open_client
-
-        self._client = await stack.enter_async_context(open_client(self._settings))
-
-    def _image_key(self, release: Release) -> str:
-        if release.object_is_absolute:
-            return release.image_object
-        directory = self.key.rsplit("/", 1)[0] + "/" if "/" in self.key else ""
-        return directory + release.image_object
+    def _directory(self) -> str:
+        return self.key.rsplit("/", 1)[0] + "/" if "/" in self.key else ""
 
     def image_url(self, release: Release) -> str:
-        return f"s3://{self.bucket}/{self._image_key(release)}"
-
-    def _object_key(self, name: str) -> str:
-        directory = self.key.rsplit("/", 1)[0] + "/" if "/" in self.key else ""
-        return directory + name
+        # The seed format names its image by an absolute key in the bucket.
+        key = (
+            release.image_object
+            if release.object_is_absolute
+            else (self._directory() + release.image_object)
+        )
+        return f"s3://{self.bucket}/{key}"
 
     def object_url(self, name: str) -> str:
-        return f"s3://{self.bucket}/{self._object_key(name)}"
-
-    async def fetch_object(self, name: str, limit: int) -> bytes | None:
-        try:
-            fetched = await self._fetch_small(self._object_key(name), limit, None, "fetch")
-        except SourceNotFound:
-            return None
-        return None if fetched is None else fetched.data
-
-    async def read_range(self, name: str, start: int, length: int) -> bytes:
-        key = self._object_key(name)
-        where = f"s3://{self.bucket}/{key}"
-        response = await self._get(
-            key, "fetch range of", Range=f"bytes={start}-{start + length - 1}"
-        )
-        data = await self._read_body(response, length, "fetch range of", where)
-        return _whole_range(data, length, start, where)
-
-    async def _read_body(self, response: Any, limit: int, action: str, where: str) -> bytes:
-        """The body of ``response``, at most ``limit`` bytes, within ``source.timeout``."""
-        stream = _S3Stream(response["Body"], response.get("ETag"), where)
-        try:
-            return await _read_within(stream, limit, action, where, self.timeout)
-        finally:
-            await stream.aclose()
-
-    async def _get(self, key: str, action: str, **params: Any) -> Any:
-        from organixmd.release.s3client import s3_errors
-
-        with s3_errors(self.bucket, key, action):
-            async with asyncio.timeout(self.timeout):
-                return await self._client.get_object(Bucket=self.bucket, Key=key, **params)
-
-    async def _fetch_small(
-        self, key: str, limit: int, etag: str | None, action: str
-    ) -> Fetched | None:
-        from botocore.exceptions import ClientError
-
-        params = {"IfNoneMatch": etag} if etag else {}
-        try:
-            response = await self._get(key, action, **params)
-        except SourceError as exc:
-            cause = exc.__cause__
-            # moto and S3 answer If-None-Match with 304, which botocore raises.
-            if isinstance(cause, ClientError) and cause.response["Error"]["Code"] in (
-                "304",
-                "NotModified",
-            ):
-                return None
-            raise
-        if response.get("ContentLength", 0) > limit:
-            response["Body"].close()
-            raise SourceError(
-                f"{action} s3://{self.bucket}/{key}: {response['ContentLength']} bytes, over the "
-                f"{limit}-byte limit"
-            )
-        data = await self._read_body(response, limit, action, f"s3://{self.bucket}/{key}")
-        return Fetched(data=data, etag=response.get("ETag"))
-
-    async def fetch_meta(self, etag: str | None) -> Fetched | None:
-        return await self._fetch_small(meta_name(self.key), MAX_META_BYTES, etag, "fetch meta")
-
-    async def fetch_signature(self) -> Fetched | None:
-        try:
-            return await self._fetch_small(
-                signature_name(self.key), MAX_SIGNATURE_BYTES, None, "fetch signature"
-            )
-        except SourceNotFound:
-            return None
-
-    async def open_image(self, release: Release, start: int, if_match: str | None) -> ByteStream:
-        key = self._image_key(release)
-        params: dict[str, str] = {}
-        if start:
-            params["Range"] = f"bytes={start}-"
-        if if_match:
-            params["IfMatch"] = if_match
-        response = await self._get(key, "download image", **params)
-        return _S3Stream(response["Body"], response.get("ETag"), f"s3://{self.bucket}/{key}")
+        return f"s3://{self.bucket}/{self._directory()}{name}"
 
 
 def open_source(config: SourceConfig, url: str | None = None) -> Source:

@@ -79,13 +79,16 @@ def child(config_path: Path) -> int:
 
     logsetup.configure("warning")
 
-    async def run() -> tuple[Any, float, float]:
+    async def run() -> tuple[Any, float, float, float]:
         engine = (await build_host(load_config(config_path), unobserved)).engine
         started = time.monotonic()
+        cpu = time.process_time()
         verdict = await engine.check()
-        return verdict, time.monotonic() - started, engine.counters.last_stream_seconds or 0.0
+        cpu = time.process_time() - cpu
+        seconds = time.monotonic() - started
+        return verdict, seconds, engine.counters.last_stream_seconds or 0.0, cpu
 
-    verdict, seconds, stream_seconds = asyncio.run(run())
+    verdict, seconds, stream_seconds, cpu_seconds = asyncio.run(run())
     print(
         json.dumps(
             {
@@ -93,6 +96,7 @@ def child(config_path: Path) -> int:
                 "message": verdict.message,
                 "seconds": seconds,
                 "stream_seconds": stream_seconds,
+                "cpu_seconds": cpu_seconds,
                 "vmhwm_kib": read_status_kib("VmHWM"),
             }
         )
@@ -294,6 +298,8 @@ class InstallRun:
     seconds: float
     stream_seconds: float
     vmhwm_kib: int
+    #: CPU seconds (user and system, all threads) of the check in the child.
+    cpu_seconds: float
 
 
 def install(
@@ -356,6 +362,7 @@ delta = false
         seconds=result["seconds"],
         stream_seconds=result["stream_seconds"],
         vmhwm_kib=result["vmhwm_kib"],
+        cpu_seconds=result["cpu_seconds"],
     )
 
 
@@ -693,7 +700,14 @@ def main() -> int:
                 label = f"install {source_label}, {slot_label}"
                 runs = daemon_install(label, url, slot, source=source, env=env)
                 rss = max(run.vmhwm_kib for run in runs) / 1024
-                report.record(label, size, [run.seconds for run in runs], f"peak RSS {rss:.0f} MiB")
+                best = min(runs, key=lambda run: run.seconds)
+                cores = best.cpu_seconds / best.seconds
+                report.record(
+                    label,
+                    size,
+                    [run.seconds for run in runs],
+                    f"peak RSS {rss:.0f} MiB; {cores:.2f} CPUs busy",
+                )
                 report.record(
                     f"  its stream until the last write, {source_label}, {slot_label}",
                     size,

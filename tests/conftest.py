@@ -32,6 +32,16 @@ def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
 
 
 @pytest.fixture
+def auth_moto(tmp_path: Path) -> Iterator[MotoServer]:
+    """A moto server of this test's own that checks request signatures."""
+    server = start_moto(tmp_path / "moto-auth.log")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
 def s3_bucket(moto: MotoServer) -> str:
     """The name of a new, empty bucket on the session's moto server."""
     name = f"test-{uuid.uuid4().hex[:16]}"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -34,7 +33,7 @@ from organixmd.release.s3client import (
 )
 from organixmd.release.sources import open_source
 from tests.support.faultproxy import Fault, FaultProxy
-from tests.support.s3 import ACCESS_KEY, SECRET_KEY, MotoServer, start_moto
+from tests.support.s3 import ACCESS_KEY, SECRET_KEY, MotoServer
 from tests.test_sources import clean_env, iam_reader, s3_client
 
 REPO = Path(__file__).resolve().parent.parent
@@ -150,16 +149,6 @@ def test_s3_source_makes_no_botocore_client(
     assert result["aiobotocore"] == []
     assert result["clients"] == []
     assert result["loaded"] == []
-
-
-@pytest.fixture
-def auth_moto(tmp_path: Path) -> Iterator[MotoServer]:
-    """A moto server of this test's own that checks request signatures."""
-    server = start_moto(tmp_path / "moto-auth.log")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def source_config(endpoint: str, tmp_path: Path, **settings: object) -> SourceConfig:

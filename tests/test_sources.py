@@ -25,7 +25,7 @@ from tests.support.faultproxy import Fault, FaultProxy
 from tests.support.images import make_ext4_image, sha256_file
 from tests.support.nginx import Nginx, start_nginx
 from tests.support.releases import BuiltRelease, build_legacy_release, build_release
-from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, MotoServer, start_moto
+from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, MotoServer
 
 MiB = 1024 * 1024
 REPO = Path(__file__).resolve().parent.parent
@@ -274,16 +274,6 @@ def iam_reader(endpoint: str) -> tuple[str, str]:
     )
     key = iam.create_access_key(UserName="fleet-reader")["AccessKey"]
     return key["AccessKeyId"], key["SecretAccessKey"]
-
-
-@pytest.fixture
-def auth_moto(tmp_path: Path) -> Iterator[MotoServer]:
-    """A moto server of this test's own that checks request signatures."""
-    server = start_moto(tmp_path / "moto-auth.log")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def test_s3_credentials_file_and_wrong_secret(

@@ -200,3 +200,34 @@ def test_progress_reports_every_chunk_up_to_the_size(tmp_path: Path) -> None:
     write_image(raw, io.BytesIO(), chunk_size=CHUNK, progress=lambda d, t: seen.append((d, t)))
     assert [d for d, _ in seen] == [CHUNK, 2 * CHUNK, 3 * CHUNK, len(data)]
     assert {t for _, t in seen} == {len(data)}
+
+
+def test_zero_chunks_are_the_frames_and_digests_compressing_them_gives(tmp_path: Path) -> None:
+    """Zero chunks (free space) take a remembered frame: the object is the same bytes.
+
+    Zero chunks at the start, between data, in a run, and as the short last chunk;
+    a chunk that is zero but for its last byte must not pass for zeros.
+    """
+    almost = bytearray(CHUNK)
+    almost[-1] = 1
+    data = (
+        bytes(CHUNK)
+        + _mixed_bytes(CHUNK, seed=1)
+        + bytes(3 * CHUNK)
+        + bytes(almost)
+        + _mixed_bytes(CHUNK, seed=2)
+        + bytes(777)
+    )
+    packed, result = _compress(tmp_path, data)
+    compressor = zstandard.ZstdCompressor(level=3, write_checksum=True, write_content_size=True)
+    blob = packed.read_bytes()
+    for index, chunk in enumerate(result.chunks):
+        plain = data[index * CHUNK : index * CHUNK + chunk.plain_size]
+        assert blob[chunk.offset : chunk.offset + chunk.length] == compressor.compress(plain)
+        assert chunk.sha256 == hashlib.sha256(plain).hexdigest()
+    assert zstandard.ZstdDecompressor().decompress(
+        blob[result.chunks[5].offset : result.chunks[5].offset + result.chunks[5].length]
+    ) == bytes(almost)
+    plain = subprocess.run(["zstd", "-dc", str(packed)], check=True, capture_output=True).stdout
+    assert plain == data
+    assert result.sha256 == hashlib.sha256(data).hexdigest()

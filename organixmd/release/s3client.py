@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
 
-import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from organixmd.base.errors import (
@@ -232,6 +231,8 @@ def s3_errors(bucket: str, key: str, action: str) -> Iterator[None]:
     else from botocore → :class:`SourceError`. The original error is the
     ``__cause__``. Use ``"-"`` as ``bucket`` for calls that concern no bucket.
     """
+    # Imported here, with botocore: a publish to a local directory loads neither.
+    import aiohttp
     from botocore.exceptions import (
         BotoCoreError,
         ClientError,

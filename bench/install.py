@@ -241,6 +241,37 @@ def hashlib_seconds(path: Path, size: int) -> float:
     return time.monotonic() - started
 
 
+def stage_cpu_seconds(release: Published) -> dict[str, float]:
+    """CPU seconds of each stage's work on the whole image, alone in one thread.
+
+    The daemon's libraries and calls: zstandard decompressing every frame, and
+    hashlib SHA-256 in chunk-sized updates, over every byte (``sha256``) and over the
+    chunks that are not all zeros (``chunk_sha256``: the publisher remembers the
+    digest of a zero chunk). Only the work is timed (``time.thread_time``), not
+    reading the files.
+    """
+    import zstandard
+
+    spent = {"decompress": 0.0, "sha256": 0.0, "chunk_sha256": 0.0}
+    decompressor = zstandard.ZstdDecompressor()
+    with open(release.object_path, "rb") as handle:
+        for chunk in release.meta.image.chunks:
+            frame = handle.read(chunk.length)
+            started = time.thread_time()
+            decompressor.decompress(frame)
+            spent["decompress"] += time.thread_time() - started
+    zeros = bytes(release.chunk_size)
+    with open(release.image, "rb") as handle:
+        while block := handle.read(release.chunk_size):
+            started = time.thread_time()
+            hashlib.sha256(block).digest()
+            took = time.thread_time() - started
+            spent["sha256"] += took
+            if block != zeros[: len(block)]:
+                spent["chunk_sha256"] += took
+    return spent
+
+
 def dd_write(image: Path, slot: Path) -> float:
     return timed(
         [
@@ -405,6 +436,25 @@ def idle_daemon(release: Published) -> tuple[int, float, float]:
     return rss, ready, idle_cpu
 
 
+#: (seconds, CPU seconds of the child) of each run of a command timed by :func:`timed_cpu`.
+CHILD_RUNS: dict[str, list[tuple[float, float]]] = {}
+
+
+def timed_cpu(label: str, command: list[str], **kwargs: Any) -> float:
+    """:func:`timed`, also keeping the user and system CPU seconds the command used."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    seconds = timed(command, **kwargs)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    CHILD_RUNS.setdefault(label, []).append((seconds, cpu))
+    return seconds
+
+
+def fastest_cpu(label: str) -> tuple[float, float]:
+    """(seconds, CPU seconds) of the fastest run of ``label``."""
+    return min(CHILD_RUNS[label])
+
+
 def publish_seconds(image: Path, serial: int, *options: str) -> float:
     """Seconds of ``organixctl publish`` of ``image`` into a fresh directory (unsigned)."""
     target = WORK / "publish"
@@ -412,7 +462,8 @@ def publish_seconds(image: Path, serial: int, *options: str) -> float:
         shutil.rmtree(target)
     target.mkdir()
     ctl = str(Path(sys.executable).with_name("organixctl"))
-    return timed(
+    return timed_cpu(
+        "publish" + "".join(options),
         [
             ctl,
             "publish",
@@ -432,7 +483,7 @@ def publish_seconds(image: Path, serial: int, *options: str) -> float:
 
 def zstd_cli_seconds(image: Path) -> float:
     out = WORK / "zstd-T0.zst"
-    seconds = timed(["zstd", "-q", "-f", "-T0", "-3", str(image), "-o", str(out)])
+    seconds = timed_cpu("zstd", ["zstd", "-q", "-f", "-T0", "-3", str(image), "-o", str(out)])
     out.unlink()
     return seconds
 
@@ -766,24 +817,57 @@ def main() -> int:
     rates = report.rates
     stages = ["zstd -dc > /dev/null", "SHA-256, hashlib, 4 MiB blocks"]
     cores = os.cpu_count() or 1
-    zstd_rate, sha_rate = rates[stages[0]], rates[stages[1]]
-    # Every image byte is decompressed once and SHA-256-hashed twice (its chunk before
-    # the write, the whole image as read back), on ``cores`` CPUs shared with the
-    # server; the publisher compresses each byte once and hashes it twice (chunk, whole).
-    install_bound = cores / (1 / zstd_rate + 2 / sha_rate)
-    compress_rate = zstd_t0 / cores
-    publish_bound = cores / (1 / compress_rate + 2 / sha_rate)
+    spent = min(
+        (stage_cpu_seconds(main_image) for _ in range(repeat)),
+        key=lambda figures: sum(figures.values()),
+    )
+    gib_scale = GiB / size
+    slowest_name = min(stages, key=lambda name: rates[name])
+    slowest_stage = rates[slowest_name]
+    # The work no install can skip: every byte decompressed once and SHA-256-hashed
+    # twice (its chunk before the write, the whole image as read back from the device:
+    # the meta holds both digests and the invariant checks both). Spread over every
+    # CPU with nothing else to do, it still takes this long.
+    install_work = spent["decompress"] + 2 * spent["sha256"]
+    install_bound = size / (install_work / cores) / 1e6
+    # The publisher compresses as zstd -T0 does (the same library and level, its
+    # content checksum too) and on top hashes every byte that is not in a zero chunk
+    # for its chunk, every byte for the whole image, and the compressed object for its
+    # content address. On ``cores`` CPUs doing nothing else it takes at least the
+    # CPU seconds zstd spent plus that hashing, spread over all of them.
+    zstd_seconds, zstd_cpu = fastest_cpu("zstd")
+    publish_seconds_, publish_cpu = fastest_cpu("publish--no-delta")
+    hashing = spent["chunk_sha256"] + spent["sha256"] * (1 + main_image.compressed / size)
+    publish_floor = (zstd_cpu + hashing) / cores
     print(
-        f"CPU bounds from these stage rates on {cores} CPUs: install (zstd -dc + 2 x SHA-256 "
-        f"per byte) {install_bound:.0f} MB/s; publish (zstd -3 + 2 x SHA-256 per byte, "
-        f"{compress_rate:.0f} MB/s per CPU from zstd -T0) {publish_bound:.0f} MB/s"
+        f"CPU budget ({main_image.name}, one thread each, CPU seconds per GiB): decompress "
+        f"{spent['decompress'] * gib_scale:.2f}, SHA-256 {spent['sha256'] * gib_scale:.2f}, "
+        f"SHA-256 of the chunks that are not all zeros {spent['chunk_sha256'] * gib_scale:.2f}"
+    )
+    print(
+        f"  install: decompress + 2 x SHA-256 = {install_work * gib_scale:.2f} CPU s per GiB; on "
+        f"{cores} CPUs at best {install_bound:.0f} MB/s = "
+        f"{install_bound / slowest_stage:.2f} x {slowest_name.split(',')[0]} alone"
     )
     for source_label, _, _, _ in sources:
         for slot_label, _ in slots:
             name = f"install {source_label}, {slot_label}"
-            print(f"  {name:<52} {rates[name] / install_bound:5.2f} of the CPU bound")
+            best = min(installs[name], key=lambda run: run.seconds)
+            print(
+                f"    {name:<30} {rates[name] / install_bound:5.2f} of that bound; its process "
+                f"used {best.cpu_seconds * gib_scale:.2f} CPU s per GiB"
+            )
     print(
-        f"  {'organixctl publish --no-delta':<52} {publish / publish_bound:5.2f} of the CPU bound"
+        f"  publish: zstd -T0 -3 used {zstd_cpu * gib_scale:.2f} CPU s per GiB "
+        f"({zstd_cpu / zstd_seconds:.2f} CPUs busy); the publisher needs that plus "
+        f"{hashing * gib_scale:.2f} of SHA-256, so on {cores} CPUs at least "
+        f"{publish_floor * gib_scale:.2f} s per GiB = at best "
+        f"{zstd_seconds / publish_floor:.2f} x zstd -T0 -3"
+    )
+    print(
+        f"    organixctl publish --no-delta used {publish_cpu * gib_scale:.2f} CPU s per GiB "
+        f"({publish_cpu / publish_seconds_:.2f} CPUs busy), {publish_floor / publish_seconds_:.2f}"
+        " of that bound"
     )
     for source_label, _, _, _ in sources:
         for slot_label, _ in slots:

@@ -6,7 +6,8 @@ loop device):
 
 - every stage alone: the download (curl from nginx, aiohttp from S3), ``zstd -dc``,
   hashlib SHA-256, an ``O_DIRECT`` write (``dd oflag=direct conv=fsync``) and an
-  ``O_DIRECT`` read (``dd iflag=direct``);
+  ``O_DIRECT`` read (``dd iflag=direct``), and both at once on the same slot (what the
+  device does during an install with read-back);
 - the strongest shell pipeline, ``curl | zstd -dc | tee >(openssl dgst -sha256) |
   dd bs=4M iflag=fullblock oflag=direct``, plus its read-back ``dd iflag=direct |
   openssl dgst -sha256``;
@@ -297,6 +298,20 @@ def dd_read(slot: Path, size: int) -> float:
             f"count={size}",
             "status=none",
         ]
+    )
+
+
+def dd_write_and_read(image: Path, slot: Path, size: int) -> float:
+    """Seconds to write ``image`` into ``slot`` and read ``size`` bytes of it, both at once.
+
+    What the device does during an install with read-back: every byte written once
+    (``O_DIRECT``, fsync at the end) and read once (``O_DIRECT``) while the writes go
+    on. The image is read from the page cache (it was just read by the other stages).
+    """
+    return timed(
+        f"dd if='{image}' of='{slot}' bs=4M oflag=direct conv=notrunc,fsync status=none & "
+        f"dd if='{slot}' of=/dev/null bs=4M iflag=direct,count_bytes count={size} status=none; "
+        "wait $!"
     )
 
 
@@ -708,6 +723,11 @@ def main() -> int:
                 size,
                 functools.partial(dd_read, slot, size),
             )
+            report.measure(
+                f"O_DIRECT write and read at once, {slot_label} (dd & dd)",
+                size,
+                functools.partial(dd_write_and_read, main_image.image, slot, size),
+            )
         print("shell pipelines and the two-pass anchor (nginx):")
         for slot_label, slot in slots:
             shell = [
@@ -853,9 +873,11 @@ def main() -> int:
         for slot_label, _ in slots:
             name = f"install {source_label}, {slot_label}"
             best = min(installs[name], key=lambda run: run.seconds)
+            device = rates[f"O_DIRECT write and read at once, {slot_label} (dd & dd)"]
             print(
-                f"    {name:<30} {rates[name] / install_bound:5.2f} of that bound; its process "
-                f"used {best.cpu_seconds * gib_scale:.2f} CPU s per GiB"
+                f"    {name:<30} {rates[name] / install_bound:5.2f} of that bound, "
+                f"{rates[name] / device:.2f} x dd writing and reading the slot at once; "
+                f"its process used {best.cpu_seconds * gib_scale:.2f} CPU s per GiB"
             )
     print(
         f"  publish: zstd -T0 -3 used {zstd_cpu * gib_scale:.2f} CPU s per GiB "

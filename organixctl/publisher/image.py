@@ -228,7 +228,8 @@ def _compress(
     compress = _FrameCompressor(level)
     pending: deque[tuple[int, memoryview, Future[tuple[bytes, str]]]] = deque()
     # Each chunk in flight holds one of these until its frame is written, then it is reused.
-    free = [memoryview(bytearray(chunk_size)) for _ in range(2 * threads)]
+    in_flight = min(2 * threads, -(-size // chunk_size))
+    free = [memoryview(bytearray(chunk_size)) for _ in range(in_flight)]
 
     def drain_one() -> None:
         nonlocal position

@@ -850,7 +850,7 @@ def main() -> int:
     # CPU with nothing else to do, it still takes this long.
     install_work = spent["decompress"] + 2 * spent["sha256"]
     install_bound = size / (install_work / cores) / 1e6
-    # The publisher compresses as zstd -T0 does (the same library and level, its
+    # The publisher compresses as zstd -T0 does (zstd at the same level, its
     # content checksum too) and on top hashes every byte that is not in a zero chunk
     # for its chunk, every byte for the whole image, and the compressed object for its
     # content address. On ``cores`` CPUs doing nothing else it takes at least the

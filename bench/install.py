@@ -348,16 +348,8 @@ class InstallRun:
     cpu_seconds: float
 
 
-def install(
-    label: str,
-    url: str,
-    slot_b: Path,
-    *,
-    source: str = "",
-    env: dict[str, str],
-    extra: str = "",
-) -> InstallRun:
-    """One fresh install (empty state) of ``url`` into ``slot_b`` in a child process."""
+def fresh_host(label: str, url: str, slot_b: Path, *, source: str = "", extra: str = "") -> Path:
+    """A host under ``WORK/runs/label`` booted from slot a, empty state; its config path."""
     from organixmd.boot.machine import BootControl
 
     run = WORK / "runs" / label
@@ -392,6 +384,20 @@ delta = false
 {extra}
 """
     )
+    return config
+
+
+def install(
+    label: str,
+    url: str,
+    slot_b: Path,
+    *,
+    source: str = "",
+    env: dict[str, str],
+    extra: str = "",
+) -> InstallRun:
+    """One fresh install (empty state) of ``url`` into ``slot_b`` in a child process."""
+    config = fresh_host(label, url, slot_b, source=source, extra=extra)
     settle()
     done = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--child", str(config)],

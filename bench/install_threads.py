@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import functools
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -170,7 +169,6 @@ def main() -> int:
     if args.child is not None:
         child(args.child)
         return 0
-    from organixmd.boot.machine import BootControl
     from tests.support.nginx import start_nginx
 
     bench.WORK.mkdir(parents=True, exist_ok=True)
@@ -183,33 +181,7 @@ def main() -> int:
     )
     try:
         for _ in range(args.runs):
-            run = bench.WORK / "runs" / "threads"
-            if run.exists():
-                shutil.rmtree(run)
-            run.mkdir(parents=True)
-            (run / "slot-a").write_bytes(bytes(4096))
-            (run / "cmdline").write_text("organixm.slot=a\n")
-            BootControl(run / "grubenv", run / "grubenv.bak").initialize("a")
-            config = run / "organixmd.toml"
-            config.write_text(
-                f"""
-[source]
-url = "{nginx.url}/{release.name}/host"
-[slots]
-a = "{run / "slot-a"}"
-b = "{slot}"
-cmdline = "{run / "cmdline"}"
-[boot]
-grubenv = "{run / "grubenv"}"
-[daemon]
-state_dir = "{run / "state"}"
-socket = "{run / "control.sock"}"
-host_id_file = "{run / "machine-id"}"
-[install]
-readback = true
-delta = false
-"""
-            )
+            config = bench.fresh_host("threads", f"{nginx.url}/{release.name}/host", slot)
             bench.settle()
             subprocess.run(
                 [sys.executable, str(Path(__file__).resolve()), "--child", str(config)],
